@@ -1,0 +1,277 @@
+"""One typed config tree for megaclip.
+
+Precedence: CLI overrides (``section.key=value``) > experiment file (YAML or JSON) > defaults.
+Unknown keys and wrong types are errors that name the key and list the valid ones. After
+``resolve`` the tree is read-only in spirit: nothing in the trainer mutates it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megaclip.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class VisionConfig:
+    """Image tower (timm VisionTransformer). ``None`` fields take the preset's value."""
+    image_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+
+
+@dataclass
+class TextConfig:
+    """CLIP-style causal text transformer. ``vocab_size`` 0 means: read it from the tokenizer."""
+    context_length: Optional[int] = None
+    vocab_size: int = 0
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_b16"
+    embed_dim: Optional[int] = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    grad_checkpointing: bool = True
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which losses run and their weights; weighting happens in one place (engine/step.py)."""
+    contrastive: str = "clip"  # clip | siglip
+    contrastive_weight: float = 1.0
+    local_loss: bool = True
+    siglip_init_bias: float = -10.0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    resampled: bool = True
+    shuffle_buffer: int = 2000
+    workers: int = 4
+    tokenizer: str = ""
+    crop_scale: tuple = (0.5, 1.0)
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+    caption_key: str = "txt"
+    image_keys: tuple = ("jpg", "jpeg", "png", "webp")
+    seed: int = 0
+    log_bad_samples: int = 10  # how many skipped samples each worker describes in the log
+
+
+@dataclass
+class EvalConfig:
+    shards: str = ""
+    classes: str = ""  # JSON file: {"classnames": [...], "templates": [...]}
+    every_steps: int = 0  # 0: only at the end of training
+    batch_size: int = 64
+
+
+@dataclass
+class OptimConfig:
+    impl: str = "auto"  # auto | deepspeed_fused | apex_fused | torch_fused | torch
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.5
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10000
+    micro_batch_size: int = 64  # per rank; the DeepSpeed JSON must not contradict it
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    output_dir: str = "runs/megaclip"
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (allowing int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{where}' must be a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{where}' must be an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config key '{where}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"config key '{where}' must be a string, got {value!r}")
+    if tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise UserError(f"config key '{where}' must be a list, got {value!r}")
+    raise AssertionError(f"unsupported annotation {tp} at {where}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise UserError(f"unknown config key '{where}'; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where)
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def find_config_file(name_or_path: str) -> Path:
+    """A path to a YAML/JSON file, or the name of a bundled experiment in megaclip/configs."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise UserError(f"config '{name_or_path}' is neither a file nor a bundled experiment "
+                    f"({', '.join(names)})")
+
+
+def read_config_file(path: Path) -> dict:
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot parse config file {path}: {e}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)  # an experiment file may extend another one
+    if base is not None:
+        data = _merge(read_config_file(find_config_file(base)), data)
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """``section.key=value`` -> nested dict; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path:
+        data = read_config_file(find_config_file(path))
+    for item in overrides:
+        data = _merge(data, parse_override(item))
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def validate(cfg: Config) -> None:
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    check(cfg.objective.contrastive in ("clip", "siglip"),
+          f"objective.contrastive must be 'clip' or 'siglip', got '{cfg.objective.contrastive}'")
+    check(cfg.optim.impl in ("auto", "deepspeed_fused", "apex_fused", "torch_fused", "torch"),
+          f"optim.impl must be one of auto, deepspeed_fused, apex_fused, torch_fused, torch; "
+          f"got '{cfg.optim.impl}'")
+    check(len(cfg.optim.betas) == 2, "optim.betas must hold two numbers")
+    check(len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
+          f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(cfg.data.crop_scale)}")
+    check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean and data.std need 3 values")
+    for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        check(getattr(cfg.train, key) > 0, f"train.{key} must be positive")
+    check(cfg.train.ckpt_every >= 0, "train.ckpt_every must be >= 0 (0: no periodic checkpoints)")
+    check(cfg.data.workers >= 0, "data.workers must be >= 0")
+    check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+    check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    check(cfg.eval.batch_size > 0, "eval.batch_size must be positive")
+
+
+def save_resolved(cfg: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

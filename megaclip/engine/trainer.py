@@ -1,0 +1,186 @@
+"""The training loop: setup in a documented order, then steps, logs, evals and checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from megaclip import checkpoint
+from megaclip.config import Config, save_resolved, to_dict
+from megaclip.data.eval_set import EvalSet
+from megaclip.data.tokenizer import Tokenizer
+from megaclip.data.webdataset import build_train_loader
+from megaclip.distributed import all_reduce_sum, world
+from megaclip.engine.ds_config import merge_ds_config, model_dtype, zero_stage
+from megaclip.engine.flops import train_flops_per_sample
+from megaclip.engine.metrics import MetricLogger, peak_memory_gib
+from megaclip.engine.optim import build_optimizer, param_groups
+from megaclip.engine.schedules import warmup_cosine
+from megaclip.engine.step import Objective, to_device, train_step
+from megaclip.errors import UserError
+from megaclip.evaluation import evaluate
+from megaclip.models import build_model, resolve_model_config
+from megaclip.models.registry import context_length
+
+
+def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """Fill what the experiment file leaves to the preset and the tokenizer."""
+    model = resolve_model_config(cfg.model, tokenizer.vocab_size)
+    if model.text.context_length != tokenizer.context_length:
+        raise AssertionError("tokenizer built with another context length")
+    return dataclasses.replace(cfg, model=model)
+
+
+class Trainer:
+    """Order: distributed -> tokenizer/config -> DeepSpeed config -> model (zero.Init) ->
+    optimiser -> engine -> resume -> data."""
+
+    def __init__(self, cfg: Config, ds_config: dict, resume: Optional[str] = None,
+                 ds_source: str = "DeepSpeed config"):
+        deepspeed.init_distributed()
+        self.rank, self.world_size = world()
+        acc = get_accelerator()
+        self.device = torch.device(acc.device_name(acc.current_device())
+                                   if acc.device_name() == "cuda" else "cpu")
+        torch.manual_seed(cfg.train.seed)
+
+        self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length(cfg.model))
+        self.cfg = cfg = resolve(cfg, self.tokenizer)
+        self.ds_config = merge_ds_config(ds_config, cfg.train, self.world_size, ds_source)
+        self.dtype = model_dtype(self.ds_config)
+        stage = zero_stage(self.ds_config)
+
+        model = build_model(cfg.model, cfg.objective, cfg.train.seed,
+                            self.ds_config if stage == 3 else None, self.dtype)
+        optimizer = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay),
+                                    self.device.type)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config)
+        self.objective = Objective(cfg.objective).to(self.device)
+
+        self.out_dir = cfg.train.output_dir
+        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.step, self.samples_seen = 0, 0
+        data_state = None
+        tag = self._find_resume(resume)
+        if tag is not None:
+            client = checkpoint.load(self.engine, self.ckpt_root, tag)
+            self.step, self.samples_seen = client["step"], client["samples_seen"]
+            checkpoint.set_rng_state(client["rng"])
+            data_state = client["data"]
+        self.loader, self.stream = build_train_loader(
+            cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
+            self.rank, self.world_size, data_state, restart_seed=self.step)
+
+        self.eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
+                                 cfg.data.mean, cfg.data.std, cfg.data.image_keys,
+                                 cfg.data.caption_key) if cfg.eval.shards else None)
+        self.log = MetricLogger(os.path.join(self.out_dir, "tensorboard") if cfg.train.tensorboard
+                                else None, self.rank == 0, cfg.train.steps)
+        if self.rank == 0:
+            save_resolved(cfg, os.path.join(self.out_dir, "config.yaml"))
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
+        self.flops_per_sample = train_flops_per_sample(cfg.model)
+        self.log.text(f"megaclip: {self.world_size} rank(s) on {self.device.type}, ZeRO stage "
+                      f"{stage}, {str(self.dtype).replace('torch.', '')}, global batch "
+                      f"{self.global_batch}, {self._num_params() / 1e6:.1f}M parameters"
+                      + (f", resumed from {tag} at step {self.step}" if tag else ""))
+
+    def _num_params(self) -> int:
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                   for p in self.engine.module.parameters())
+
+    def _find_resume(self, resume: Optional[str]) -> Optional[str]:
+        if resume in (None, "", "none"):
+            return None
+        if resume == "auto":
+            return checkpoint.latest_checkpoint(self.ckpt_root)
+        path = os.path.abspath(resume.rstrip("/"))
+        if not os.path.isfile(os.path.join(path, checkpoint.MARKER)):
+            raise UserError(f"--resume {resume}: not a complete megaclip checkpoint directory")
+        self.ckpt_root = os.path.dirname(path)
+        return os.path.basename(path)
+
+    # ---------------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        cfg, it = self.cfg, iter(self.loader)
+        first_step, results = self.step, {}
+        sums: dict[str, torch.Tensor] = {}
+        t_log = time.time()
+        while self.step < cfg.train.steps:
+            lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
+                               cfg.optim.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.engine.train()
+            for _ in range(cfg.train.grad_accum_steps):
+                batch = next(it)
+                self.stream.update(batch)
+                terms = train_step(self.engine, self.objective,
+                                   to_device(batch, self.device, self.dtype))
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum_steps
+            self.step += 1
+            self.samples_seen += self.global_batch
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                n_steps = self.step - max(first_step, self.step - cfg.train.log_every)
+                self._log(sums, n_steps, time.time() - t_log, lr)
+                sums, t_log = {}, time.time()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set:
+                results = self.evaluate()
+            if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                self.save()
+        if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
+            self.save()
+        if self.eval_set and not (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
+            results = self.evaluate()
+        if results and self.rank == 0:
+            self.log.text(f"final zero-shot top-1 {results['zeroshot_top1']:.4f} on the held-out "
+                          f"split ({len(self.eval_set.classnames)} classes, chance "
+                          f"{1 / len(self.eval_set.classnames):.4f}) after {self.step} steps")
+        self.log.close()
+        return results
+
+    def _log(self, sums: dict, n_steps: int, seconds: float, lr: float) -> None:
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] / max(1, n_steps) for k in keys]).to(self.device)
+        vec = all_reduce_sum(vec) / self.world_size
+        values = {k: vec[i].item() for i, k in enumerate(keys)}
+        step_time = seconds / max(1, n_steps)
+        per_device = self.global_batch / step_time / self.world_size
+        values.update({"lr": lr, "samples_per_s": per_device * self.world_size,
+                       "step_time_s": step_time,
+                       "tflops_per_device": per_device * self.flops_per_sample / 1e12,
+                       "peak_mem_gib": peak_memory_gib(self.device)})
+        for k, v in self.stream.bad_total().items():
+            values[f"skipped_{k}"] = float(v)  # this rank's count
+        self.log.scalars(self.step, values, "train/")
+        self.log.console(self.step, values, 0)
+
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        results = evaluate(self.engine.module, self.eval_set, self.tokenizer,
+                           self.cfg.eval.batch_size, self.device, self.dtype)
+        self.engine.train()
+        self.log.scalars(self.step, results, "eval/")
+        if self.rank == 0:
+            self.log.text("eval step %d: %s" % (self.step, ", ".join(
+                f"{k} {v:.4f}" for k, v in results.items())))
+            with open(os.path.join(self.out_dir, f"eval_step{self.step:08d}.json"), "w") as f:
+                json.dump({"step": self.step, **results}, f, indent=1)
+        return results
+
+    def save(self) -> str:
+        client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
+                  "rng": checkpoint.rng_state(), "data": self.stream.state_dict(),
+                  "world_size": self.world_size}
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
+                               self.cfg.train.keep_checkpoints)
+        self.log.text(f"saved checkpoint {path}")
+        return path

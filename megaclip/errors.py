@@ -1,0 +1,22 @@
+"""User-facing errors and the wrapper every command-line entry point runs under."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for (bad config, missing shard...): message, exit 2."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run ``main``; a UserError becomes ``error: <message>`` on stderr and exit code 2."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,1 @@
+from megaclip.losses.contrastive import ClipLoss, SigLipLoss, build_contrastive_loss  # noqa: F401

@@ -1,0 +1,1 @@
+from megaclip.models.registry import PRESETS, build_model, resolve_model_config  # noqa: F401

@@ -1,0 +1,141 @@
+"""Model presets and the builder that creates parameters under ``deepspeed.zero.Init``."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megaclip.config import ModelConfig, ObjectiveConfig
+from megaclip.errors import UserError
+from megaclip.models.text import TextTower
+from megaclip.models.towers import TwoTower
+from megaclip.models.vision import VisionTower
+
+PRESETS: dict[str, dict] = {
+    # For tests and the CPU demo.
+    "tiny": dict(embed_dim=128,
+                 vision=dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_ratio=4.0),
+                 text=dict(context_length=32, width=128, depth=3, heads=4)),
+    "vit_b16": dict(embed_dim=512,
+                    vision=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_ratio=4.0),
+                    text=dict(context_length=77, width=512, depth=12, heads=8)),
+    "vit_l14": dict(embed_dim=768,
+                    vision=dict(image_size=224, patch_size=14, width=1024, depth=24, heads=16, mlp_ratio=4.0),
+                    text=dict(context_length=77, width=768, depth=12, heads=12)),
+}
+
+
+def _preset(cfg: ModelConfig) -> dict:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown model.preset '{cfg.preset}'; presets: {', '.join(PRESETS)}")
+    return PRESETS[cfg.preset]
+
+
+def context_length(cfg: ModelConfig) -> int:
+    """The text context length (needed to build the tokenizer before the config is resolved)."""
+    return cfg.text.context_length or _preset(cfg)["text"]["context_length"]
+
+
+def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    """Fill every ``None`` from the preset and the vocabulary size from the tokenizer."""
+    preset = _preset(cfg)
+
+    def fill(section, values):
+        return dataclasses.replace(section, **{k: v for k, v in values.items()
+                                               if getattr(section, k) is None})
+
+    vision = fill(cfg.vision, preset["vision"])
+    text = fill(cfg.text, preset["text"])
+    if text.vocab_size and vocab_size and text.vocab_size != vocab_size:
+        raise UserError(f"model.text.vocab_size is {text.vocab_size} but the tokenizer has "
+                        f"{vocab_size} pieces; leave it at 0 to take the tokenizer's")
+    text = dataclasses.replace(text, vocab_size=text.vocab_size or vocab_size)
+    if text.vocab_size <= 0:
+        raise UserError("model.text.vocab_size is unknown: set data.tokenizer")
+    if vision.image_size % vision.patch_size:
+        raise UserError(f"model.vision.image_size {vision.image_size} is not a multiple of "
+                        f"patch_size {vision.patch_size}")
+    for name, sec in (("vision", vision), ("text", text)):
+        if sec.width % sec.heads:
+            raise UserError(f"model.{name}.width {sec.width} is not divisible by heads {sec.heads}")
+    return dataclasses.replace(cfg, vision=vision, text=text,
+                               embed_dim=cfg.embed_dim or preset["embed_dim"])
+
+
+def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
+    v, t = cfg.vision, cfg.text
+    visual = VisionTower(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio,
+                         cfg.embed_dim)
+    text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio,
+                     cfg.embed_dim)
+    bias = objective.siglip_init_bias if objective.contrastive == "siglip" else None
+    init_scale = cfg.init_logit_scale if objective.contrastive == "clip" else 10.0
+    return TwoTower(visual, text, init_scale, cfg.max_logit_scale, bias)
+
+
+def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
+                zero3_config: Optional[dict] = None, dtype: torch.dtype = torch.float32) -> TwoTower:
+    """Build the model; with ``zero3_config`` every parameter is partitioned as it is created, so
+    no rank ever holds the whole model. Weights are then initialised module by module from
+    ``seed`` (identical for any world size)."""
+    if zero3_config is not None:
+        import deepspeed
+        ctx = deepspeed.zero.Init(config_dict_or_path=zero3_config, dtype=dtype)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        model = _construct(cfg, objective)
+    init_weights(model, seed)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def _init_module(name: str, module: nn.Module, gen: torch.Generator) -> None:
+    def normal_(p, std, trunc=False):
+        val = torch.randn(p.shape, generator=gen) * std
+        if trunc:
+            val = val.clamp(-2 * std, 2 * std)
+        p.data.copy_(val)
+
+    if isinstance(module, nn.Linear):
+        is_projection = name in ("visual.proj", "text.proj")
+        normal_(module.weight, module.weight.shape[1] ** -0.5 if is_projection else 0.02, trunc=True)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.Conv2d):
+        normal_(module.weight, 0.02, trunc=True)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+    elif isinstance(module, nn.Embedding):
+        normal_(module.weight, 0.02)
+    elif name == "visual.trunk":
+        normal_(module.cls_token, 1e-6)
+        normal_(module.pos_embed, 0.02, trunc=True)
+    elif name == "text":
+        normal_(module.positional_embedding, 0.01)
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Initialise each module's own parameters, gathering them one module at a time under ZeRO-3
+    (rank 0 draws, the others receive), so peak memory stays one module and every world size
+    gets the same weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if not params or isinstance(module, TwoTower):
+            continue  # the temperature and bias keep their constructor values
+        partitioned = any(hasattr(p, "ds_id") for p in params)
+        ctx = (deepspeed.zero.GatheredParameters(params, modifier_rank=0) if partitioned
+               else contextlib.nullcontext())
+        with ctx, torch.no_grad():
+            if not partitioned or not dist.is_initialized() or dist.get_rank() == 0:
+                _init_module(name, module, gen)

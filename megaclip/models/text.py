@@ -1,0 +1,46 @@
+"""Text tower: CLIP-style causal transformer; the feature is read at the end-of-text token."""
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class TextTower(nn.Module):
+    """Token + position embeddings, causal pre-norm blocks (timm's ``Block``), final LayerNorm,
+    feature at the end-of-text position, bias-free projection.
+
+    The end-of-text index comes with the batch (the tokenizer knows it), so the model never needs
+    a special token id.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
+                 mlp_ratio: float, embed_dim: int):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
+        self.blocks = nn.ModuleList(
+            [Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def encode_tokens(self, tokens_BL: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """Per-token features after the final LayerNorm, shape (B, L, width)."""
+        x = self.token_embedding(tokens_BL) + self.positional_embedding[: tokens_BL.shape[1]]
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, None, causal, use_reentrant=False)
+            else:
+                x = blk(x, is_causal=causal)
+        return self.ln_final(x)
+
+    def forward(self, tokens_BL: torch.Tensor, eot_B: torch.Tensor) -> torch.Tensor:
+        x = self.encode_tokens(tokens_BL)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot_B]
+        return self.proj(pooled)

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Train a SentencePiece tokenizer on captions read from WebDataset shards or a text file."""
+from __future__ import annotations
+
+import argparse
+import itertools
+from typing import Iterator
+
+from tqdm import tqdm
+
+from megaclip.data.decode import BadSample, decode_caption
+from megaclip.data.shards import expand_shards, iter_shard
+from megaclip.data.tokenizer import train_sentencepiece
+from megaclip.errors import UserError, run_cli
+
+EXAMPLE = """examples:
+  python tools/train_tokenizer.py --shards 'data/synthetic/train/shard-{000000..000019}.tar' \\
+      --out data/synthetic/spm --vocab-size 256
+  python tools/train_tokenizer.py --text captions.txt --out spm32k --vocab-size 32000
+"""
+
+
+def captions_from_shards(pattern: str, key: str) -> Iterator[str]:
+    for url in expand_shards(pattern):
+        for sample in iter_shard(url):
+            try:
+                yield decode_caption(sample, key)
+            except BadSample:
+                continue
+
+
+def captions_from_text(path: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
+    except FileNotFoundError:
+        raise UserError(f"text file '{path}' does not exist") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="brace pattern of WebDataset shards")
+    src.add_argument("--text", help="a text file, one caption per line")
+    p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model, PREFIX.vocab")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--caption-key", default="txt")
+    p.add_argument("--model-type", default="bpe", choices=["unigram", "bpe"])
+    p.add_argument("--max-captions", type=int, default=2_000_000)
+    args = p.parse_args(argv)
+    if args.vocab_size < 8:
+        raise UserError("--vocab-size must be at least 8")
+    captions = (captions_from_shards(args.shards, args.caption_key) if args.shards
+                else captions_from_text(args.text))
+    captions = list(tqdm(itertools.islice(captions, args.max_captions), desc="captions",
+                         unit="cap", mininterval=1.0))
+    if not captions:
+        raise UserError("no captions found")
+    path = train_sentencepiece(captions, args.out, args.vocab_size, args.model_type,
+                               args.max_captions)
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=path)
+    print(f"wrote {path}: {sp.get_piece_size()} pieces from {len(captions)} captions "
+          f"(pad {sp.pad_id()}, bos {sp.bos_id()}, eos {sp.eos_id()})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
