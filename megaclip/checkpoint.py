@@ -11,9 +11,12 @@ from typing import Optional
 
 import torch
 
+from megaclip.config import save_resolved
 from megaclip.distributed import barrier, world
+from megaclip.errors import UserError
 
 MARKER = "COMPLETE"
+CONFIG_FILE = "config.yaml"
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -52,12 +55,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, root: str, step: int, client_state: dict, keep: int) -> str:
-    """Save on every rank (each writes its own shards and client state), then mark complete."""
+def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None) -> str:
+    """Save on every rank (each writes its own shards and client state), then mark complete.
+    The resolved config is written beside the shards so tools can rebuild the model."""
     tag = tag_for(step)
     engine.save_checkpoint(root, tag=tag, client_state=client_state)
     barrier()
     if world()[0] == 0:
+        if cfg is not None:
+            save_resolved(cfg, os.path.join(root, tag, CONFIG_FILE))
         with open(os.path.join(root, tag, MARKER), "w") as f:
             json.dump({"step": step}, f)
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
@@ -73,3 +79,38 @@ def load(engine, root: str, tag: str) -> dict:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
     return client
+
+
+def consolidate(tag_dir: str) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint, from every rank's master shards
+    (DeepSpeed's own zero_to_fp32 reader; runs on one CPU process, any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    tag_dir = os.path.abspath(tag_dir.rstrip("/"))
+    if not os.path.isfile(os.path.join(tag_dir, MARKER)):
+        raise UserError(f"'{tag_dir}' is not a complete megaclip checkpoint directory")
+    state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
+                                                     tag=os.path.basename(tag_dir))
+    return {k: v.float() for k, v in state.items()}
+
+
+def checkpoint_config(tag_dir: str):
+    """The resolved config a checkpoint was trained with."""
+    from megaclip.config import config_from_dict
+    import yaml
+    path = os.path.join(tag_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"'{tag_dir}' has no {CONFIG_FILE}; is it a megaclip checkpoint?")
+    with open(path) as f:
+        return config_from_dict(yaml.safe_load(f))
+
+
+def load_for_inference(tag_dir: str):
+    """(model in eval mode with fp32 weights, resolved config) from a checkpoint directory."""
+    from megaclip.models import build_model
+    cfg = checkpoint_config(tag_dir)
+    model = build_model(cfg.model, cfg.objective, seed=0)
+    missing, unexpected = model.load_state_dict(consolidate(tag_dir), strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {tag_dir} does not match its config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    return model.eval(), cfg

@@ -64,3 +64,18 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+def default_env() -> None:
+    """Let ``python megaclip/train.py`` run as a single process without a launcher: fill the
+    torch.distributed env:// variables when no launcher (deepspeed, torchrun, srun) set them."""
+    import os
+    if "RANK" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])

@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None,
                    help="'auto' (newest complete checkpoint in the output dir, if any) or the "
                         "path of a checkpoint directory")
+    p.add_argument("--stop_after_steps", type=int, default=0,
+                   help="leave after this many steps of this invocation, with a checkpoint "
+                        "(for time-sliced jobs); 0: run to train.steps")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p.parse_args(argv)
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     ds = load_ds_config(args.deepspeed_config)
     from megaclip.engine.trainer import Trainer
-    Trainer(cfg, ds, args.resume, ds_source=args.deepspeed_config).fit()
+    Trainer(cfg, ds, args.resume, ds_source=args.deepspeed_config,
+            stop_after=args.stop_after_steps).fit()
     return 0
 
 

@@ -16,7 +16,8 @@ from megaclip.config import Config, save_resolved, to_dict
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.webdataset import build_train_loader
-from megaclip.distributed import all_reduce_sum, world
+from megaclip.data.shards import expand_shards
+from megaclip.distributed import all_reduce_sum, default_env, world
 from megaclip.engine.ds_config import merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
 from megaclip.engine.metrics import MetricLogger, peak_memory_gib
@@ -42,8 +43,11 @@ class Trainer:
     optimiser -> engine -> resume -> data."""
 
     def __init__(self, cfg: Config, ds_config: dict, resume: Optional[str] = None,
-                 ds_source: str = "DeepSpeed config"):
+                 ds_source: str = "DeepSpeed config", stop_after: int = 0):
+        expand_shards(cfg.data.train_shards)  # fail fast, before any rank builds a model
+        default_env()
         deepspeed.init_distributed()
+        self.stop_after = stop_after
         self.rank, self.world_size = world()
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(acc.current_device())
@@ -111,9 +115,11 @@ class Trainer:
     def fit(self) -> dict:
         cfg, it = self.cfg, iter(self.loader)
         first_step, results = self.step, {}
+        last = cfg.train.steps if not self.stop_after else min(cfg.train.steps,
+                                                                first_step + self.stop_after)
         sums: dict[str, torch.Tensor] = {}
         t_log = time.time()
-        while self.step < cfg.train.steps:
+        while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
             for group in self.optimizer.param_groups:
@@ -138,6 +144,10 @@ class Trainer:
                 self.save()
         if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
             self.save()
+        if self.step < cfg.train.steps:  # stopped early on request: no final evaluation
+            self.log.text(f"stopping after step {self.step} as asked; resume with --resume auto")
+            self.log.close()
+            return {}
         if self.eval_set and not (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
             results = self.evaluate()
         if results and self.rank == 0:
@@ -181,6 +191,6 @@ class Trainer:
                   "rng": checkpoint.rng_state(), "data": self.stream.state_dict(),
                   "world_size": self.world_size}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, self.cfg)
         self.log.text(f"saved checkpoint {path}")
         return path

@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: launches several processes (DeepSpeed/gloo)")
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A small synthetic set + tokenizer, built once per session with the real tools."""
+    out = tmp_path_factory.mktemp("synthetic")
+    run_tool("make_synthetic.py", "--out", str(out), "--train-samples", "1200",
+             "--eval-per-class", "2", "--shard-size", "300")
+    run_tool("train_tokenizer.py", "--shards", str(out / "train" / "shard-{000000..000003}.tar"),
+             "--out", str(out / "spm"), "--vocab-size", "128")
+    return out
+
+
+def run_tool(name, *args, check=True, **kw):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def synthetic_overrides(root, out_dir):
+    """Overrides that point the tiny experiment at a synthetic set built by the fixture."""
+    return [f"data.train_shards={root}/train/shard-{{000000..000003}}.tar",
+            f"data.tokenizer={root}/spm.model",
+            f"eval.shards={root}/eval/shard-000000.tar",
+            f"eval.classes={root}/eval/classes.json",
+            f"train.output_dir={out_dir}"]

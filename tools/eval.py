@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Zero-shot classification and image-text retrieval of a megaclip checkpoint (one process)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from megaclip.errors import run_cli
+
+EXAMPLE = """example:
+  python tools/eval.py --checkpoint runs/demo/checkpoints/step00000300
+  python tools/eval.py --checkpoint CKPT --shards 'eval/shard-{000000..000003}.tar' \\
+      --classes eval/classes.json --json results.json
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (.../stepNNNNNNNN)")
+    p.add_argument("--shards", help="eval shards (default: the eval.shards the run used)")
+    p.add_argument("--classes", help="classes JSON (default: the eval.classes the run used)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    from megaclip.checkpoint import load_for_inference
+    from megaclip.data.eval_set import EvalSet
+    from megaclip.data.tokenizer import Tokenizer
+    from megaclip.evaluation import evaluate
+
+    model, cfg = load_for_inference(args.checkpoint)
+    tokenizer = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
+    data = EvalSet(args.shards or cfg.eval.shards, args.classes or cfg.eval.classes,
+                   cfg.model.vision.image_size, cfg.data.mean, cfg.data.std,
+                   cfg.data.image_keys, cfg.data.caption_key)
+    results = evaluate(model, data, tokenizer, args.batch_size, torch.device("cpu"), torch.float32)
+    print(f"{args.checkpoint}: {len(data)} images, {len(data.classnames)} classes "
+          f"(chance {1 / len(data.classnames):.4f})")
+    for k, v in results.items():
+        print(f"  {k:14s} {v:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
