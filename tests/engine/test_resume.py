@@ -1,0 +1,61 @@
+"""End to end through `deepspeed megaclip/train.py` at world size 2: a run stopped after a
+checkpoint and resumed with --resume auto ends with the same parameters as an uninterrupted one;
+tools/eval.py on the checkpoint reproduces the in-training evaluation."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaclip.checkpoint import consolidate
+from tests.conftest import ROOT, run_tool, synthetic_overrides
+
+
+def train(out, synthetic, *extra, port):
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "megaclip/train.py",
+           "--deepspeed_config", "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
+           *synthetic_overrides(synthetic, out), "train.steps=6", "train.ckpt_every=3",
+           "train.micro_batch_size=8", "train.log_every=1", "data.workers=2",
+           "data.shuffle_buffer=30", "optim.warmup_steps=2", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
+    a, b = tmp_path / "a", tmp_path / "b"
+    log_a = train(a, synthetic, port=29611)
+    log_b1 = train(b, synthetic, "--stop_after_steps", "3", port=29612)
+    assert "stopping after step 3" in log_b1 and "final zero-shot" not in log_b1
+    log_b2 = train(b, synthetic, "--resume", "auto", port=29613)
+    assert "resumed from step00000003 at step 3" in log_b2
+
+    # The logged losses of steps 4-6 and the final parameters are the same.
+    def losses(log, steps):
+        return [line.split("| loss ")[1].split(" ")[0] for line in log.splitlines()
+                if line.startswith(tuple(f"step {s}/6 " for s in steps))]
+    assert losses(log_a, (4, 5, 6)) == losses(log_b2, (4, 5, 6))
+    sa = consolidate(str(a / "checkpoints" / "step00000006"))
+    sb = consolidate(str(b / "checkpoints" / "step00000006"))
+    assert sa.keys() == sb.keys() and len(sa) > 50
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    # ... and differ from step 3, so the comparison means something.
+    s3 = consolidate(str(b / "checkpoints" / "step00000003"))
+    assert any(not torch.equal(s3[k], sb[k]) for k in sb)
+
+    # tools/eval.py on the final checkpoint reproduces the evaluation the trainer ran.
+    with open(a / "eval_step00000006.json") as f:
+        during = json.load(f)
+    proc = run_tool("eval.py", "--checkpoint", str(a / "checkpoints" / "step00000006"),
+                    "--json", str(tmp_path / "e.json"))
+    with open(tmp_path / "e.json") as f:
+        after = json.load(f)
+    for k in ("zeroshot_top1", "zeroshot_top5", "i2t_R@5"):
+        assert abs(during[k] - after[k]) < 1e-6, (k, during, after)
+    assert "zeroshot_top1" in proc.stdout

@@ -1,0 +1,114 @@
+"""Every command has --help, and bad input is a clear message with exit code 2."""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, run_tool
+
+TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py"]
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "megaclip", "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help(tool):
+    proc = run_tool(tool, "--help")
+    assert proc.returncode == 0 and "example" in proc.stdout
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_bad_arguments_exit_2(tool):
+    proc = run_tool(tool, "--no-such-flag", check=False)
+    assert proc.returncode == 2 and "error" in proc.stderr
+
+
+def test_train_help():
+    proc = run_train("--help")
+    assert proc.returncode == 0 and "deepspeed" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.stpes=3"], "unknown config key 'train.stpes'"),
+    (["data.train_shards=/nonexistent/shard-{000..009}.tar"],
+     "'/nonexistent/shard-{000..009}.tar' matches no file"),
+])
+def test_train_bad_config_exits_2(args, message):
+    proc = run_train("--config", "clip_tiny_synthetic", "--deepspeed_config",
+                     "ds_configs/zero3_cpu.json", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_contradicting_deepspeed_json_exits_2(tmp_path, synthetic):
+    from tests.conftest import synthetic_overrides
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 3}}))
+    proc = run_train("--config", "clip_tiny_synthetic", "--deepspeed_config", str(ds),
+                     *synthetic_overrides(synthetic, tmp_path / "out"))
+    assert proc.returncode == 2 and "train_micro_batch_size_per_gpu=7" in proc.stderr
+
+
+def _png(path, side=16):
+    Image.new("RGB", (side, side), (200, 10, 10)).save(path)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_make_shards_validates_and_summarises(tmp_path, fmt):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        _png(images / f"ok{i}.png")
+    (images / "broken.jpg").write_bytes(b"not an image at all")
+    rows = [(f"ok{i}.png", f"a red square number {i}") for i in range(5)]
+    rows += [("broken.jpg", "broken"), ("missing.png", "gone"), ("ok0.png", "")]
+    cap = tmp_path / f"captions.{fmt}"
+    if fmt == "jsonl":
+        cap.write_text("".join(json.dumps({"image": a, "caption": b}) + "\n" for a, b in rows))
+    else:
+        with open(cap, "w", newline="") as f:
+            w = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",")
+            w.writerow(["image", "caption"])
+            w.writerows(rows)
+    proc = run_tool("make_shards.py", "--images", str(images), "--captions", str(cap),
+                    "--out", str(tmp_path / "shards"), "--shard-size", "3")
+    assert "wrote 5 samples in 2 shards" in proc.stdout
+    assert "skipped 3 rows: missing_caption 1, missing_image 1, undecodable_image 1" in proc.stdout
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as t:
+        names = t.getnames()
+    assert len(names) == 6 and any(n.endswith(".png") for n in names)
+
+
+def test_make_shards_missing_captions_file_exits_2(tmp_path):
+    proc = run_tool("make_shards.py", "--images", str(tmp_path), "--captions",
+                    str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "nope.csv' does not exist" in proc.stderr
+
+
+def test_make_synthetic_is_deterministic(tmp_path):
+    for d in ("a", "b"):
+        run_tool("make_synthetic.py", "--out", str(tmp_path / d), "--train-samples", "20",
+                 "--eval-per-class", "1", "--seed", "3")
+    a = (tmp_path / "a" / "train" / "shard-000000.tar").read_bytes()
+    b = (tmp_path / "b" / "train" / "shard-000000.tar").read_bytes()
+    assert tarfile.open(fileobj=io.BytesIO(a)).getnames() == tarfile.open(fileobj=io.BytesIO(b)).getnames()
+    ta = tarfile.open(fileobj=io.BytesIO(a))
+    tb = tarfile.open(fileobj=io.BytesIO(b))
+    for m in ta.getmembers():
+        assert ta.extractfile(m).read() == tb.extractfile(m.name).read()
+
+
+def test_train_tokenizer_reports_special_ids(synthetic):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(synthetic / "spm.model"))
+    assert sp.bos_id() >= 0 and sp.eos_id() >= 0 and sp.pad_id() >= 0
+    assert sp.encode("red circle", out_type=str) == ["▁red", "▁circle"]
