@@ -142,6 +142,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise UserError(f"config key '{where}' must be an int, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise UserError(f"config key '{where}' must be a number, got {value!r}")

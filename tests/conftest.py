@@ -7,11 +7,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "distributed: launches several processes (DeepSpeed/gloo)")
-    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
-
-
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """A small synthetic set + tokenizer, built once per session with the real tools."""

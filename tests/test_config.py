@@ -42,3 +42,7 @@ def test_deepspeed_json_contradiction_is_an_error():
         merge_ds_config({"optimizer": {"type": "Adam"}}, train, world_size=2)
     ds = merge_ds_config({"gradient_clipping": 1.0, "train_batch_size": "auto"}, train, 2)
     assert ds["train_batch_size"] == 128 and ds["gradient_accumulation_steps"] == 2
+
+
+def test_exponent_without_dot_is_a_number():
+    assert load_config("clip_tiny_synthetic", ["optim.lr=3e-3"]).optim.lr == 0.003

@@ -25,18 +25,19 @@ class MetricLogger:
         if enabled and log_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir)
-        self.t_start = time.time()
+        self.t_start, self.first_step = time.time(), None
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}{k}", v, step)
 
-    def console(self, step: int, values: dict[str, float], first_step: int) -> None:
+    def console(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        done = step - first_step
-        eta = (time.time() - self.t_start) / max(1, done) * (self.total - step)
+        if self.first_step is None:
+            self.first_step, self.t_start = step, time.time()
+        eta = (time.time() - self.t_start) / max(1, step - self.first_step) * (self.total - step)
         parts = [f"step {step}/{self.total}"]
         for k, v in values.items():
             parts.append(f"{k} {v:.4g}")

@@ -13,6 +13,7 @@ from deepspeed.accelerator import get_accelerator
 
 from megaclip import checkpoint
 from megaclip.config import Config, save_resolved, to_dict
+from megaclip.data.decode import BAD_KINDS
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.webdataset import build_train_loader
@@ -168,10 +169,11 @@ class Trainer:
                        "step_time_s": step_time,
                        "tflops_per_device": per_device * self.flops_per_sample / 1e12,
                        "peak_mem_gib": peak_memory_gib(self.device)})
-        for k, v in self.stream.bad_total().items():
-            values[f"skipped_{k}"] = float(v)  # this rank's count
+        bad = self.stream.bad_total()
+        counts = all_reduce_sum(torch.tensor([float(bad.get(k, 0)) for k in BAD_KINDS]))
+        values.update({f"skipped_{k}": c for k, c in zip(BAD_KINDS, counts.tolist()) if c})
         self.log.scalars(self.step, values, "train/")
-        self.log.console(self.step, values, 0)
+        self.log.console(self.step, values)
 
     def evaluate(self) -> dict:
         self.engine.eval()
