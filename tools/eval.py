@@ -10,7 +10,7 @@ import torch
 from megaclip.errors import run_cli
 
 EXAMPLE = """example:
-  python tools/eval.py --checkpoint runs/demo/checkpoints/step00000300
+  python tools/eval.py --checkpoint runs/demo/checkpoints/step00000400
   python tools/eval.py --checkpoint CKPT --shards 'eval/shard-{000000..000003}.tar' \\
       --classes eval/classes.json --json results.json
 """

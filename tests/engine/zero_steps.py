@@ -22,6 +22,7 @@ def main(ds_path: str, out: str, steps: int) -> None:
     deepspeed.init_distributed()
     rank, ws = world()
     cfg = load_config("clip_tiny_synthetic", [f"train.micro_batch_size={GLOBAL_BATCH // ws}",
+                                              "model.grad_checkpointing=true",
                                               "optim.warmup_steps=0", "optim.lr=0.002"])
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, VOCAB))
     ds = merge_ds_config(load_ds_config(ds_path), cfg.train, ws)
