@@ -1,0 +1,54 @@
+"""The held-out evaluation split: images with captions and class labels, plus the class prompts."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megaclip.data.decode import BadSample, decode_caption, decode_image
+from megaclip.data.shards import expand_shards, iter_shard
+from megaclip.data.views import eval_transform
+from megaclip.errors import UserError
+
+
+class EvalSet:
+    """Holds the split's raw samples (it is small) and decodes the ones a rank asks for."""
+
+    def __init__(self, shards: str, classes_file: str, image_size: int, mean: tuple, std: tuple,
+                 image_keys: tuple = ("jpg", "jpeg", "png", "webp"), caption_key: str = "txt"):
+        if not os.path.isfile(classes_file):
+            raise UserError(f"eval classes file '{classes_file}' does not exist")
+        with open(classes_file) as f:
+            meta = json.load(f)
+        if not meta.get("classnames") or not meta.get("templates"):
+            raise UserError(f"{classes_file} needs non-empty 'classnames' and 'templates'")
+        self.classnames: list[str] = list(meta["classnames"])
+        self.templates: list[str] = list(meta["templates"])
+        self.samples = [s for url in expand_shards(shards) for s in iter_shard(url)]
+        if not self.samples:
+            raise UserError(f"eval shards '{shards}' hold no samples")
+        self.image_keys, self.caption_key = tuple(image_keys), caption_key
+        self.transform = eval_transform(image_size, mean, std)
+        self.labels = torch.tensor([int(s["cls"]) for s in self.samples])
+        try:
+            self.captions = [decode_caption(s, caption_key) for s in self.samples]
+        except BadSample as e:
+            raise UserError(f"eval shards '{shards}': {e}") from None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def images(self, indices: list[int]) -> torch.Tensor:
+        out = []
+        for i in indices:
+            try:
+                img = decode_image(self.samples[i], self.image_keys, 1 << 31)
+            except BadSample as e:
+                raise UserError(f"eval sample {self.samples[i]['__key__']}: {e}") from None
+            out.append(self.transform(img))
+        return torch.stack(out)
+
+    def prompts(self) -> list[str]:
+        """Class-major: prompt ``c * T + t`` is template t of class c."""
+        return [t.format(c) for c in self.classnames for t in self.templates]

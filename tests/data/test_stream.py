@@ -1,0 +1,131 @@
+"""The training stream: bad samples skipped and counted, clear shard errors, exact resume."""
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from megaclip.config import DataConfig
+from megaclip.data.shards import ShardError, expand_shards
+from megaclip.data.tokenizer import Tokenizer
+from megaclip.data.webdataset import TrainStream, build_train_loader
+from megaclip.data.writer import write_shards
+from megaclip.errors import UserError
+
+
+def _jpeg(color, side=24):
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _good(i):
+    return {"__key__": f"good{i:04d}", "jpg": _jpeg((10 * i % 255, 80, 120)), "txt": f"sample {i}"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(synthetic):
+    return Tokenizer(str(synthetic / "spm.model"), 16)
+
+
+def _cfg(pattern, **kw):
+    base = dict(train_shards=pattern, resampled=False, shuffle_buffer=0, workers=0,
+                crop_scale=(0.8, 1.0), max_image_pixels=30 * 30, log_bad_samples=0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tokenizer):
+    bad = [
+        {"__key__": "undecodable", "jpg": b"this is not a jpeg", "txt": "x"},
+        {"__key__": "nocaption", "jpg": _jpeg((1, 2, 3))},
+        {"__key__": "notutf8", "jpg": _jpeg((1, 2, 3)), "txt": b"\xff\xfe\xfa caption"},
+        {"__key__": "toolarge", "jpg": _jpeg((1, 2, 3), side=40), "txt": "big"},
+        {"__key__": "noimage", "txt": "caption without image"},
+        {"__key__": "emptycaption", "jpg": _jpeg((1, 2, 3)), "txt": "   "},
+    ]
+    samples = [_good(0), _good(1)] + bad + [_good(2), _good(3)]
+    paths = write_shards(samples, str(tmp_path), maxcount=100)
+    stream = TrainStream(_cfg(paths[0]), 16, tokenizer, batch_size=2, rank=0, world_size=1)
+    it = iter(stream)
+    first, second = next(it), next(it)
+    assert first["images"].shape == (2, 3, 16, 16) and first["tokens"].shape == (2, 16)
+    assert second["position"] == (0, len(samples))  # 10 raw samples read for 4 good ones
+    assert second["bad"] == {"undecodable_image": 1, "missing_caption": 2, "caption_not_utf8": 1,
+                             "image_too_large": 1, "missing_image": 1}
+
+
+def test_pattern_matching_nothing_names_it(tmp_path):
+    with pytest.raises(UserError, match=r"nothing-\{0\.\.3\}\.tar.*matches no file"):
+        expand_shards(str(tmp_path / "nothing-{0..3}.tar"))
+
+
+def test_partly_missing_shards_are_named(tmp_path):
+    paths = write_shards([_good(0)], str(tmp_path))
+    pattern = paths[0].replace("000000", "{000000..000002}")
+    with pytest.raises(UserError, match="2 of 3 shards.*shard-000001.tar"):
+        expand_shards(pattern)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "pipe"])
+def test_unreadable_shard_is_a_clear_error(tmp_path, tokenizer, kind):
+    if kind == "garbage":
+        url = str(tmp_path / "broken.tar")
+        with open(url, "wb") as f:
+            f.write(b"\x00garbage" * 100)
+    else:
+        url = f"pipe:cat {tmp_path}/does-not-exist.tar"
+    stream = TrainStream(_cfg(url), 16, tokenizer, batch_size=2, rank=0, world_size=1)
+    with pytest.raises(ShardError, match="cannot read shard " + url.replace("|", r"\|")[:20]):
+        next(iter(stream))
+
+
+def test_too_few_shards_for_split_is_an_error(tmp_path, tokenizer):
+    paths = write_shards([_good(0)], str(tmp_path))
+    with pytest.raises(UserError, match="cannot be split over 2 ranks"):
+        TrainStream(_cfg(paths[0]), 16, tokenizer, 2, rank=0, world_size=2)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(torch.equal(x["images"], y["images"]) and torch.equal(x["tokens"], y["tokens"])
+               for x, y in zip(a, b))
+
+
+def test_resume_continues_exactly_with_workers(synthetic, tokenizer):
+    cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
+               shuffle_buffer=50, workers=2, crop_scale=(0.3, 1.0), max_image_pixels=10 ** 8)
+    loader, state = build_train_loader(cfg, 32, tokenizer, 8, rank=1, world_size=2)
+    batches = _take(loader, 8)
+    for b in batches[:5]:
+        state.update(b)
+    saved = state.state_dict()
+    assert sorted(saved["cursors"]) == [0, 1]  # both workers contributed
+
+    resumed, _ = build_train_loader(cfg, 32, tokenizer, 8, rank=1, world_size=2, state=saved)
+    assert _same(_take(resumed, 3), batches[5:8])
+
+
+def test_views_depend_on_seed_and_rank(synthetic, tokenizer):
+    cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
+               shuffle_buffer=20, max_image_pixels=10 ** 8)
+    a = _take(TrainStream(cfg, 32, tokenizer, 4, 0, 2), 2)
+    b = _take(TrainStream(cfg, 32, tokenizer, 4, 0, 2), 2)
+    c = _take(TrainStream(cfg, 32, tokenizer, 4, 1, 2), 2)
+    assert _same(a, b) and not _same(a, c)
+
+
+def test_topology_change_restarts_the_stream_instead_of_replaying(synthetic, tokenizer):
+    cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
+               shuffle_buffer=20, max_image_pixels=10 ** 8)
+    loader, state = build_train_loader(cfg, 32, tokenizer, 4, 0, 2)
+    first = _take(loader, 2)
+    for b in first:
+        state.update(b)
+    other, kept = build_train_loader(cfg, 32, tokenizer, 4, 0, 1, state=state.state_dict(),
+                                     restart_seed=7)
+    assert kept.cursors == {} and not _same(_take(other, 2), first)
