@@ -1,5 +1,6 @@
-"""A procedurally generated image-caption set: shapes of given colours, sizes, positions and
-counts, with captions that describe them. Deterministic from a seed; learnable in minutes.
+"""A procedurally generated image-caption set: shapes of given colours, sizes and counts at
+random positions, with captions that describe them. Deterministic from a seed; learnable in
+minutes.
 
 The held-out evaluation split holds one kind of object per image; its zero-shot classes are the
 (colour, shape) pairs, named by prompts such as "a photo of a red circle.".
