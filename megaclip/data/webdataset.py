@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megaclip.config import DataConfig
 from megaclip.data.decode import BadSample, BadSampleLog, decode_caption, decode_image
+from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
 from megaclip.data.shards import ShardError, expand_shards, iter_shard
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import seeded, train_transform
 from megaclip.errors import UserError
 
-_SHARDS, _SHUFFLE = 1, 2  # stream ids mixed into seeds, so the generators never coincide
+_SHARDS, _SHUFFLE, _MASKS = 1, 2, 3  # stream ids mixed into seeds, so the generators never coincide
 
 
 def derive_seed(*parts: int) -> int:
@@ -50,12 +51,17 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> It
 
 
 class TrainStream(IterableDataset):
-    """Endless batches ``{images, tokens, eot, position: (worker, cursor), bad: {kind: n}}``."""
+    """Endless batches ``{images, tokens, eot, position: (worker, cursor), bad: {kind: n}}``,
+    plus the masks ``masking`` asks for (``image_mask``, ``mlm_tokens``/``mlm_target``/
+    ``mlm_embed``), drawn per sample from the same seed as its view."""
 
     def __init__(self, cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                  rank: int, world_size: int, start: Optional[dict[int, int]] = None,
-                 stream_seed: int = 0, rotate: int = 0):
+                 stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.masking = masking
+        self.ordinary_ids = (ordinary_token_ids(tokenizer)
+                             if masking is not None and masking.text is not None else None)
         self.rank, self.world_size = rank, world_size
         self.urls = expand_shards(cfg.train_shards)
         workers = max(1, cfg.workers)
@@ -105,7 +111,7 @@ class TrainStream(IterableDataset):
         for _ in itertools.islice(raw, cursor):  # consumed before the checkpoint: not decoded
             pass
         bad = BadSampleLog(self.cfg.log_bad_samples)
-        images, captions = [], []
+        images, captions, seeds = [], [], []
         for sample in raw:
             index, cursor = cursor, cursor + 1
             try:
@@ -117,11 +123,15 @@ class TrainStream(IterableDataset):
             seed = derive_seed(self.seed, self.rank, wid, index)
             images.append(seeded(self.transform, image, seed))
             captions.append(caption)
+            seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
-                yield {"images": torch.stack(images), "tokens": tokens, "eot": eot,
-                       "position": (wid, cursor), "bad": dict(bad.counts)}
-                images, captions = [], []
+                batch = {"images": torch.stack(images), "tokens": tokens, "eot": eot,
+                         "position": (wid, cursor), "bad": dict(bad.counts)}
+                if self.masking is not None:
+                    batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
+                yield batch
+                images, captions, seeds = [], [], []
 
 
 class StreamState:
@@ -154,7 +164,8 @@ class StreamState:
 
 def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                        rank: int, world_size: int, state: Optional[dict] = None,
-                       restart_seed: int = 0) -> tuple[DataLoader, StreamState]:
+                       restart_seed: int = 0, masking: Optional[Masking] = None
+                       ) -> tuple[DataLoader, StreamState]:
     """The DataLoader and the state object that follows it. ``state`` is a saved
     ``StreamState.state_dict()``; when the topology it was saved under differs, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples."""
@@ -168,7 +179,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
         else:
             stream_seed = restart_seed
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
-                     rotate=kept.batches % kept.workers)
+                     rotate=kept.batches % kept.workers, masking=masking)
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
     return loader, kept

@@ -1,7 +1,8 @@
-"""Analytic FLOP count of the two-tower model (matmuls only, multiply-add = 2 FLOPs)."""
+"""Analytic FLOP count of a training step per sample (matmuls only, multiply-add = 2 FLOPs)."""
 from __future__ import annotations
 
-from megaclip.config import ModelConfig
+from megaclip.config import ModelConfig, ObjectiveConfig
+from megaclip.data.masks import num_masked
 
 
 def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float) -> float:
@@ -10,18 +11,54 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float) -> 
     return depth * per_layer
 
 
+def vision_flops(cfg: ModelConfig, patches_kept: int) -> float:
+    v = cfg.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    out = 2 * patches * 3 * v.patch_size ** 2 * v.width  # patch embedding (all patches)
+    return out + transformer_flops(patches_kept + 1, v.width, v.depth, v.mlp_ratio)
+
+
+def text_flops(cfg: ModelConfig) -> float:
+    t = cfg.text
+    return transformer_flops(t.context_length, t.width, t.depth, t.mlp_ratio)
+
+
 def forward_flops_per_sample(cfg: ModelConfig) -> float:
-    """Forward FLOPs of one image-text pair through a resolved model config."""
+    """Forward FLOPs of one image-text pair through the two towers (resolved model config)."""
+    v = cfg.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    return float(vision_flops(cfg, patches) + 2 * v.width * cfg.embed_dim
+                 + text_flops(cfg) + 2 * cfg.text.width * cfg.embed_dim)
+
+
+def head_flops(cfg: ModelConfig, obj: ObjectiveConfig, tokens: int) -> float:
+    d = obj.mask_distill
+    dims = [cfg.vision.width] + [d.head_hidden] * (d.head_layers - 1) + [d.head_bottleneck]
+    mlp = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+    return tokens * (mlp + 2 * d.head_bottleneck * d.prototypes)
+
+
+def train_flops_per_sample(cfg: ModelConfig, obj: ObjectiveConfig | None = None) -> float:
+    """Forward + backward (3x forward) of every trained pass, plus the teacher's forward.
+    Recomputation by activation checkpointing is not counted (model FLOPs, not hardware)."""
+    if obj is None or (not obj.uses_masks and obj.text_mlm.weight == 0):
+        return 3.0 * forward_flops_per_sample(cfg)
     v, t = cfg.vision, cfg.text
     patches = (v.image_size // v.patch_size) ** 2
-    vision = 2 * patches * 3 * v.patch_size ** 2 * v.width  # patch embedding
-    vision += transformer_flops(patches + 1, v.width, v.depth, v.mlp_ratio)
-    vision += 2 * v.width * cfg.embed_dim
-    text = transformer_flops(t.context_length, t.width, t.depth, t.mlp_ratio)
-    text += 2 * t.width * cfg.embed_dim
-    return float(vision + text)
-
-
-def train_flops_per_sample(cfg: ModelConfig) -> float:
-    """Forward + backward (2x forward); recomputation by activation checkpointing not counted."""
-    return 3.0 * forward_flops_per_sample(cfg)
+    masked = num_masked(patches, obj.mask.ratio)
+    total = 3.0 * (text_flops(cfg) + 2 * t.width * cfg.embed_dim + 2 * v.width * cfg.embed_dim)
+    if obj.uses_masks:
+        total += 3.0 * vision_flops(cfg, patches - masked)
+    if not obj.uses_masks or obj.contrastive_view == "full":
+        total += 3.0 * vision_flops(cfg, patches)
+    if obj.uses_teacher:
+        total += 3.0 * transformer_flops(patches + 1, v.width, obj.mask_distill.decoder_depth,
+                                         v.mlp_ratio)
+        total += 3.0 * head_flops(cfg, obj, masked)
+        total += vision_flops(cfg, patches) + head_flops(cfg, obj, patches)  # teacher, no grad
+    if obj.text_mlm.weight > 0:
+        L = t.context_length
+        total += 3.0 * text_flops(cfg)
+        total += 3.0 * transformer_flops(L, t.width, obj.text_mlm.decoder_depth, t.mlp_ratio)
+        total += 3.0 * 2 * max(1, round(obj.text_mlm.mask_ratio * L)) * t.width * t.vocab_size
+    return float(total)

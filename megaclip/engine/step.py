@@ -1,43 +1,81 @@
-"""One training step: forward, named loss terms, the weighted sum, backward, optimiser step."""
+"""One training step: teacher targets, forward, named loss terms, the weighted sum, backward,
+optimiser step."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from megaclip.config import ObjectiveConfig
+from megaclip.data.masks import split_indices
 from megaclip.losses import build_contrastive_loss
+from megaclip.losses.distill import MaskedDistillLoss
+from megaclip.losses.mlm import MlmLoss
 
 
 class Objective(nn.Module):
-    """The configured loss modules and the one place where their terms are weighted."""
+    """The configured loss modules and the one place where their terms are weighted.
 
-    def __init__(self, cfg: ObjectiveConfig):
+    ``forward`` returns (terms, statistics): terms enter the total, statistics are only logged.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, total_steps: int):
         super().__init__()
         self.contrastive = build_contrastive_loss(cfg)
         self.weights = {cfg.contrastive: cfg.contrastive_weight}
+        self.distill = self.mlm = None
+        if cfg.mask_distill.weight > 0:
+            self.distill = MaskedDistillLoss(cfg.mask_distill, total_steps)
+            self.weights["distill"] = cfg.mask_distill.weight
+        if cfg.text_mlm.weight > 0:
+            self.mlm = MlmLoss()
+            self.weights["mlm"] = cfg.text_mlm.weight
 
-    def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.contrastive(**outputs)
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                teacher_logits: Optional[torch.Tensor] = None, step: int = 0
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        terms = self.contrastive(**{k: v for k, v in outputs.items()
+                                    if k in ("image_features", "text_features", "logit_scale",
+                                             "logit_bias")})
+        stats: dict[str, torch.Tensor] = {}
+        if self.distill is not None:
+            t, s = self.distill(outputs["student_patch_logits"], teacher_logits,
+                                batch["masked_index"], step)
+            terms.update(t)
+            stats.update(s)
+        if self.mlm is not None:
+            terms.update(self.mlm(outputs["mlm_logits"], batch["tokens"], batch["mlm_target"]))
+        return terms, stats
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[k] * v for k, v in terms.items())
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    return {"images": batch["images"].to(device, dtype, non_blocking=True),
-            "tokens": batch["tokens"].to(device, non_blocking=True),
-            "eot": batch["eot"].to(device, non_blocking=True)}
+    """The model's inputs on ``device``; a patch mask becomes visible/masked index lists."""
+    out = {"images": batch["images"].to(device, dtype, non_blocking=True)}
+    for key in ("tokens", "eot", "mlm_tokens", "mlm_target", "mlm_embed"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    if "image_mask" in batch:
+        keep, masked = split_indices(batch["image_mask"])
+        out["keep_index"] = keep.to(device, non_blocking=True)
+        out["masked_index"] = masked.to(device, non_blocking=True)
+    return out
 
 
-def train_step(engine, objective: Objective, batch: dict) -> dict[str, torch.Tensor]:
+def train_step(engine, objective: Objective, batch: dict, teacher=None,
+               step: int = 0) -> dict[str, torch.Tensor]:
     """One micro-batch through the DeepSpeed engine; the engine decides when the optimiser steps
-    (gradient accumulation boundaries). Returns detached terms for logging."""
+    (gradient accumulation boundaries). Returns detached terms and statistics for logging."""
+    teacher_logits = teacher(batch["images"]) if teacher is not None else None
     outputs = engine(**batch)
-    terms = objective(outputs)
+    terms, stats = objective(outputs, batch, teacher_logits, step)
     loss = objective.total(terms)
     engine.backward(loss)
     engine.step()
-    logged = {k: v.detach() for k, v in terms.items()}
+    logged = {k: v.detach() for k, v in {**terms, **stats}.items()}
     logged["loss"] = loss.detach()
     logged["logit_scale"] = outputs["logit_scale"].detach()
     return logged

@@ -15,6 +15,7 @@ from megaclip import checkpoint
 from megaclip.config import Config, save_resolved, to_dict
 from megaclip.data.decode import BAD_KINDS
 from megaclip.data.eval_set import EvalSet
+from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.webdataset import build_train_loader
 from megaclip.data.shards import expand_shards
@@ -25,10 +26,11 @@ from megaclip.engine.metrics import MetricLogger, peak_memory_gib
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.schedules import warmup_cosine
 from megaclip.engine.step import Objective, to_device, train_step
+from megaclip.engine.teacher import EmaTeacher, momentum_at
 from megaclip.errors import UserError
 from megaclip.evaluation import evaluate
 from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import context_length
+from megaclip.models.registry import build_teacher_modules, context_length
 
 
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -41,7 +43,7 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
 
 class Trainer:
     """Order: distributed -> tokenizer/config -> DeepSpeed config -> model (zero.Init) ->
-    optimiser -> engine -> resume -> data."""
+    optimiser -> engine -> EMA teacher -> resume -> data."""
 
     def __init__(self, cfg: Config, ds_config: dict, resume: Optional[str] = None,
                  ds_source: str = "DeepSpeed config", stop_after: int = 0):
@@ -67,7 +69,14 @@ class Trainer:
                                     self.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
-        self.objective = Objective(cfg.objective).to(self.device)
+        self.objective = Objective(cfg.objective, cfg.train.steps).to(self.device)
+        self.teacher = None
+        if cfg.objective.uses_teacher:
+            trunk, head = build_teacher_modules(cfg.model, cfg.objective,
+                                                self.ds_config if stage == 3 else None, self.dtype)
+            self.teacher = EmaTeacher(self.engine.module, trunk.to(self.device),
+                                      head.to(self.device), self.dtype)
+            self.teacher.init_from_student()
 
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
@@ -77,11 +86,15 @@ class Trainer:
         if tag is not None:
             client = checkpoint.load(self.engine, self.ckpt_root, tag)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
+            self.objective.load_state_dict(client.get("objective", {}))
+            if self.teacher is not None:
+                checkpoint.load_teacher(os.path.join(self.ckpt_root, tag), self.teacher)
             checkpoint.set_rng_state(client["rng"])
             data_state = client["data"]
         self.loader, self.stream = build_train_loader(
             cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
-            self.rank, self.world_size, data_state, restart_seed=self.step)
+            self.rank, self.world_size, data_state, restart_seed=self.step,
+            masking=self._masking())
 
         self.eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
                                  cfg.data.mean, cfg.data.std, cfg.data.image_keys,
@@ -91,11 +104,24 @@ class Trainer:
         if self.rank == 0:
             save_resolved(cfg, os.path.join(self.out_dir, "config.yaml"))
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
-        self.flops_per_sample = train_flops_per_sample(cfg.model)
+        self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.objective)
         self.log.text(f"megaclip: {self.world_size} rank(s) on {self.device.type}, ZeRO stage "
                       f"{stage}, {str(self.dtype).replace('torch.', '')}, global batch "
                       f"{self.global_batch}, {self._num_params() / 1e6:.1f}M parameters"
                       + (f", resumed from {tag} at step {self.step}" if tag else ""))
+        if self.teacher is not None:
+            held, full = self.teacher.memory_bytes()
+            self.log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
+                          f"{full / 2**20:.2f} MiB ({held / full:.3f}), "
+                          f"{'sharded like the student' if self.teacher.partitioned else 'whole'}")
+
+    def _masking(self) -> Masking | None:
+        obj, v = self.cfg.objective, self.cfg.model.vision
+        if not obj.uses_masks and obj.text_mlm.weight == 0:
+            return None
+        return Masking(grid=v.image_size // v.patch_size,
+                       image=obj.mask if obj.uses_masks else None,
+                       text=obj.text_mlm if obj.text_mlm.weight > 0 else None)
 
     def _num_params(self) -> int:
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -130,9 +156,15 @@ class Trainer:
                 batch = next(it)
                 self.stream.update(batch)
                 terms = train_step(self.engine, self.objective,
-                                   to_device(batch, self.device, self.dtype))
+                                   to_device(batch, self.device, self.dtype), self.teacher,
+                                   self.step)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum_steps
+            if self.teacher is not None:  # after the optimiser step: the masters are current
+                m = momentum_at(self.step, cfg.train.steps, cfg.objective.teacher.momentum,
+                                cfg.objective.teacher.momentum_end)
+                self.teacher.update(m)
+                sums["teacher_momentum"] = sums.get("teacher_momentum", 0) + torch.tensor(m, device=self.device)
             self.step += 1
             self.samples_seen += self.global_batch
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
@@ -191,8 +223,9 @@ class Trainer:
     def save(self) -> str:
         client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
                   "rng": checkpoint.rng_state(), "data": self.stream.state_dict(),
-                  "world_size": self.world_size}
+                  "world_size": self.world_size,
+                  "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
-                               self.cfg.train.keep_checkpoints, self.cfg)
+                               self.cfg.train.keep_checkpoints, self.cfg, self.teacher)
         self.log.text(f"saved checkpoint {path}")
         return path

@@ -10,9 +10,11 @@ from torch import nn
 
 from megaclip.config import ModelConfig, ObjectiveConfig
 from megaclip.errors import UserError
+from megaclip.models.decoders import MaskedPatchDecoder, TextMlmDecoder
+from megaclip.models.heads import PrototypeHead
 from megaclip.models.text import TextTower
 from megaclip.models.towers import TwoTower
-from megaclip.models.vision import VisionTower
+from megaclip.models.vision import VisionTower, build_trunk
 
 PRESETS: dict[str, dict] = {
     # For tests and the CPU demo.
@@ -65,15 +67,56 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
                                embed_dim=cfg.embed_dim or preset["embed_dim"])
 
 
+def _distill_head(cfg: ModelConfig, objective: ObjectiveConfig) -> PrototypeHead:
+    d = objective.mask_distill
+    return PrototypeHead(cfg.vision.width, d.head_hidden, d.head_bottleneck, d.prototypes,
+                         d.head_layers)
+
+
 def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
     v, t = cfg.vision, cfg.text
+    mlm = objective.text_mlm.weight > 0
     visual = VisionTower(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio,
                          cfg.embed_dim)
     text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio,
-                     cfg.embed_dim)
+                     cfg.embed_dim, mask_embedding=mlm)
     bias = objective.siglip_init_bias if objective.contrastive == "siglip" else None
     init_scale = cfg.init_logit_scale if objective.contrastive == "clip" else 10.0
-    return TwoTower(visual, text, init_scale, cfg.max_logit_scale, bias)
+    extras = {}
+    if objective.uses_teacher:
+        d = objective.mask_distill
+        extras["patch_decoder"] = MaskedPatchDecoder(
+            v.width, (v.image_size // v.patch_size) ** 2, d.decoder_depth,
+            d.decoder_heads or v.heads, v.mlp_ratio)
+        extras["distill_head"] = _distill_head(cfg, objective)
+    if mlm:
+        extras["text_decoder"] = TextMlmDecoder(t.width, objective.text_mlm.decoder_depth,
+                                                t.heads, t.mlp_ratio, t.vocab_size)
+    return TwoTower(visual, text, init_scale, cfg.max_logit_scale, bias,
+                    contrastive_view=objective.contrastive_view, **extras)
+
+
+def build_teacher_modules(cfg: ModelConfig, objective: ObjectiveConfig,
+                          zero3_config: Optional[dict] = None,
+                          dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
+    """(image trunk, distillation head) with the student's architecture, partitioned exactly
+    like the student's under ZeRO-3. Their values are copied from the student, not drawn."""
+    v = cfg.vision
+    with _partitioned(zero3_config, dtype):
+        trunk = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
+        head = _distill_head(cfg, objective)
+    if zero3_config is None:
+        trunk, head = trunk.to(dtype), head.to(dtype)
+    for p in list(trunk.parameters()) + list(head.parameters()):
+        p.requires_grad_(False)
+    return trunk, head
+
+
+def _partitioned(zero3_config: Optional[dict], dtype: torch.dtype):
+    if zero3_config is None:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.Init(config_dict_or_path=zero3_config, dtype=dtype)
 
 
 def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
@@ -81,12 +124,7 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
     """Build the model; with ``zero3_config`` every parameter is partitioned as it is created, so
     no rank ever holds the whole model. Weights are then initialised module by module from
     ``seed`` (identical for any world size)."""
-    if zero3_config is not None:
-        import deepspeed
-        ctx = deepspeed.zero.Init(config_dict_or_path=zero3_config, dtype=dtype)
-    else:
-        ctx = contextlib.nullcontext()
-    with ctx:
+    with _partitioned(zero3_config, dtype):
         model = _construct(cfg, objective)
     init_weights(model, seed)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -119,6 +157,11 @@ def _init_module(name: str, module: nn.Module, gen: torch.Generator) -> None:
         normal_(module.pos_embed, 0.02, trunc=True)
     elif name == "text":
         normal_(module.positional_embedding, 0.01)
+        if module.mask_embedding is not None:
+            normal_(module.mask_embedding, 0.02)
+    elif name == "patch_decoder":
+        normal_(module.mask_token, 0.02)
+        normal_(module.pos_embed, 0.02, trunc=True)
 
 
 def init_weights(model: nn.Module, seed: int) -> None:

@@ -1,6 +1,8 @@
 """Text tower: CLIP-style causal transformer; the feature is read at the end-of-text token."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -16,7 +18,7 @@ class TextTower(nn.Module):
     """
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, embed_dim: int):
+                 mlp_ratio: float, embed_dim: int, mask_embedding: bool = False):
         super().__init__()
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
@@ -25,14 +27,21 @@ class TextTower(nn.Module):
             [Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
+        # The learnable [MASK] input of masked language modelling (no vocabulary id needed).
+        self.mask_embedding = nn.Parameter(torch.zeros(width)) if mask_embedding else None
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def encode_tokens(self, tokens_BL: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        """Per-token features after the final LayerNorm, shape (B, L, width)."""
-        x = self.token_embedding(tokens_BL) + self.positional_embedding[: tokens_BL.shape[1]]
+    def encode_tokens(self, tokens_BL: torch.Tensor, causal: bool = True,
+                      masked_BL: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token features after the final LayerNorm, shape (B, L, width). Positions in
+        ``masked`` read the [MASK] embedding instead of their token's."""
+        x = self.token_embedding(tokens_BL)
+        if masked_BL is not None:
+            x = torch.where(masked_BL[..., None], self.mask_embedding.to(x.dtype), x)
+        x = x + self.positional_embedding[: tokens_BL.shape[1]]
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, None, causal, use_reentrant=False)
@@ -40,7 +49,9 @@ class TextTower(nn.Module):
                 x = blk(x, is_causal=causal)
         return self.ln_final(x)
 
-    def forward(self, tokens_BL: torch.Tensor, eot_B: torch.Tensor) -> torch.Tensor:
-        x = self.encode_tokens(tokens_BL)
+    def forward(self, tokens_BL: torch.Tensor, eot_B: torch.Tensor,
+                masked_BL: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (projected end-of-text feature (B, embed_dim), all tokens (B, L, width))."""
+        x = self.encode_tokens(tokens_BL, masked_BL=masked_BL)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_B]
-        return self.proj(pooled)
+        return self.proj(pooled), x

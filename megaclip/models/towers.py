@@ -1,4 +1,5 @@
-"""The two-tower model: image tower, text tower, learnable temperature (and SigLIP bias)."""
+"""The two-tower model: image tower, text tower, learnable temperature (and SigLIP bias), and
+the student-side modules of the self-distillation objectives when they are configured."""
 from __future__ import annotations
 
 import math
@@ -8,12 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megaclip.models.decoders import MaskedPatchDecoder, TextMlmDecoder
+from megaclip.models.heads import PrototypeHead
 from megaclip.models.text import TextTower
 from megaclip.models.vision import VisionTower
 
 
 class TwoTower(nn.Module):
-    """Returns L2-normalised image/text features and the (clamped) logit scale.
+    """Returns L2-normalised image/text features, the (clamped) logit scale and, with masks in
+    the batch, the student's predictions for the masked patches and masked caption pieces.
 
     The clamp happens here, inside ``forward``: under ZeRO-3 the module's copy of
     ``logit_scale`` is an empty placeholder outside forward, so clamping it in place after the
@@ -21,7 +25,11 @@ class TwoTower(nn.Module):
     """
 
     def __init__(self, visual: VisionTower, text: TextTower, init_logit_scale: float,
-                 max_logit_scale: float, init_logit_bias: Optional[float] = None):
+                 max_logit_scale: float, init_logit_bias: Optional[float] = None,
+                 patch_decoder: Optional[MaskedPatchDecoder] = None,
+                 distill_head: Optional[PrototypeHead] = None,
+                 text_decoder: Optional[TextMlmDecoder] = None,
+                 contrastive_view: str = "full"):
         super().__init__()
         self.visual = visual
         self.text = text
@@ -30,6 +38,10 @@ class TwoTower(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.full((1,), float(init_logit_bias)))
                            if init_logit_bias is not None else None)
+        self.patch_decoder = patch_decoder
+        self.distill_head = distill_head
+        self.text_decoder = text_decoder
+        self.contrastive_view = contrastive_view
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -38,15 +50,32 @@ class TwoTower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms (timm contract)."""
         return {"logit_scale", "logit_bias", "visual.trunk.cls_token", "visual.trunk.pos_embed",
-                "text.positional_embedding", "text.token_embedding.weight"}
+                "text.positional_embedding", "text.token_embedding.weight", "text.mask_embedding",
+                "patch_decoder.mask_token", "patch_decoder.pos_embed"}
 
     def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
-                eot: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                eot: Optional[torch.Tensor] = None, keep_index: Optional[torch.Tensor] = None,
+                masked_index: Optional[torch.Tensor] = None,
+                mlm_tokens: Optional[torch.Tensor] = None, mlm_target: Optional[torch.Tensor] = None,
+                mlm_embed: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if images is not None:
-            out["image_features"] = F.normalize(self.visual(images), dim=-1)
+            masked_pass = None
+            if keep_index is not None:  # the student sees the visible patches only
+                masked_pass = self.visual(images, keep_index)
+            if masked_pass is not None and self.contrastive_view == "masked":
+                image_feature = masked_pass[0]
+            else:
+                image_feature = self.visual(images)[0]
+            out["image_features"] = F.normalize(image_feature, dim=-1)
+            if masked_pass is not None and self.patch_decoder is not None:
+                decoded = self.patch_decoder(masked_pass[1], keep_index, masked_index)
+                out["student_patch_logits"] = self.distill_head(decoded)
         if tokens is not None:
-            out["text_features"] = F.normalize(self.text(tokens, eot), dim=-1)
+            out["text_features"] = F.normalize(self.text(tokens, eot)[0], dim=-1)
+        if mlm_tokens is not None and self.text_decoder is not None:
+            hidden = self.text(mlm_tokens, eot, mlm_embed)[1]
+            out["mlm_logits"] = self.text_decoder(hidden, eot, mlm_target)
         out["logit_scale"] = self.logit_scale.clamp(max=self.max_log_scale).exp()[0]
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias[0]

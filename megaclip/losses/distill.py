@@ -1,0 +1,60 @@
+"""Masked self-distillation loss (MaskCLIP): cross-entropy from the teacher's centred, sharpened
+soft codewords to the student's predicted distribution, on the masked patches only."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaclip.config import MaskDistillConfig
+from megaclip.distributed import all_reduce_sum, world
+from megaclip.models.vision import keep_tokens
+
+
+def teacher_temperature(cfg: MaskDistillConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up from ``teacher_temp_warmup`` to ``teacher_temp``, then constant."""
+    warm = int(cfg.teacher_temp_warmup_fraction * total_steps)
+    if step >= warm:
+        return cfg.teacher_temp
+    return cfg.teacher_temp_warmup + (cfg.teacher_temp - cfg.teacher_temp_warmup) * step / warm
+
+
+class MaskedDistillLoss(nn.Module):
+    """Terms ``{"distill"}``; statistics ``teacher_entropy`` (mean entropy of the soft codewords,
+    in nats) and ``teacher_batch_entropy`` (entropy of their batch mean: near zero means every
+    patch gets the same codeword, i.e. collapse).
+
+    The centre is the momentum average of the teacher's patch logits over the global batch
+    (all-reduced), updated after the loss has read it.
+    """
+
+    def __init__(self, cfg: MaskDistillConfig, total_steps: int):
+        super().__init__()
+        self.cfg, self.total_steps = cfg, total_steps
+        self.register_buffer("center", torch.zeros(1, 1, cfg.prototypes))
+
+    def forward(self, student_patch_logits: torch.Tensor, teacher_patch_logits: torch.Tensor,
+                masked_index: torch.Tensor, step: int) -> tuple[dict, dict]:
+        """``student_patch_logits`` (B, M, K) at the masked patches; ``teacher_patch_logits``
+        (B, N, K) at every patch; ``masked_index`` (B, M) the masked patches' indices."""
+        teacher = teacher_patch_logits.detach().float()
+        temp = teacher_temperature(self.cfg, step, self.total_steps)
+        with torch.no_grad():
+            target = F.softmax((keep_tokens(teacher, masked_index) - self.center) / temp, dim=-1)
+        log_student = F.log_softmax(student_patch_logits.float() / self.cfg.student_temp, dim=-1)
+        loss = -(target * log_student).sum(-1).mean()
+        with torch.no_grad():
+            entropy = -(target * target.clamp_min(1e-12).log()).sum(-1).mean()
+            mean = target.mean(dim=(0, 1))
+            batch_entropy = -(mean * mean.clamp_min(1e-12).log()).sum()
+            self._update_center(teacher)
+        stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
+                 "teacher_temp": torch.tensor(temp, device=teacher.device)}
+        return {"distill": loss}, stats
+
+    @torch.no_grad()
+    def _update_center(self, teacher: torch.Tensor) -> None:
+        batch_sum = all_reduce_sum(teacher.sum(dim=(0, 1), keepdim=True))
+        count = teacher.shape[0] * teacher.shape[1] * world()[1]
+        m = self.cfg.center_momentum
+        self.center.mul_(m).add_(batch_sum / count, alpha=1 - m)
