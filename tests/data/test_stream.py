@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megaclip.config import DataConfig
+from megaclip.config import DataConfig, MaskConfig, TextMlmConfig
+from megaclip.data.masks import Masking
 from megaclip.data.shards import ShardError, expand_shards
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.webdataset import TrainStream, build_train_loader
@@ -91,23 +92,35 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
+_TENSORS = ("images", "tokens", "image_mask", "mlm_tokens", "mlm_target", "mlm_embed")
+
+
 def _same(a, b):
-    return all(torch.equal(x["images"], y["images"]) and torch.equal(x["tokens"], y["tokens"])
+    return all(all(torch.equal(x[k], y[k]) for k in _TENSORS if k in x)
                for x, y in zip(a, b))
 
 
+MASKING = Masking(grid=4, image=MaskConfig(ratio=0.75), text=TextMlmConfig(weight=0.05))
+
+
 def test_resume_continues_exactly_with_workers(synthetic, tokenizer):
+    """Views, image masks and caption masks of a resumed stream equal the uninterrupted ones."""
     cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
                shuffle_buffer=50, workers=2, crop_scale=(0.3, 1.0), max_image_pixels=10 ** 8)
-    loader, state = build_train_loader(cfg, 32, tokenizer, 8, rank=1, world_size=2)
+    loader, state = build_train_loader(cfg, 32, tokenizer, 8, rank=1, world_size=2,
+                                       masking=MASKING)
     batches = _take(loader, 8)
     for b in batches[:5]:
         state.update(b)
     saved = state.state_dict()
     assert sorted(saved["cursors"]) == [0, 1]  # both workers contributed
+    assert batches[0]["image_mask"].shape == (8, 16) and batches[0]["mlm_target"].any()
 
-    resumed, _ = build_train_loader(cfg, 32, tokenizer, 8, rank=1, world_size=2, state=saved)
-    assert _same(_take(resumed, 3), batches[5:8])
+    resumed, _ = build_train_loader(cfg, 32, tokenizer, 8, rank=1, world_size=2, state=saved,
+                                    masking=MASKING)
+    again = _take(resumed, 3)
+    assert _same(again, batches[5:8])
+    assert all(torch.equal(a["image_mask"], b["image_mask"]) for a, b in zip(again, batches[5:]))
 
 
 def test_views_depend_on_seed_and_rank(synthetic, tokenizer):

@@ -1,5 +1,6 @@
-"""End to end through `deepspeed megaclip/train.py` at world size 2: a run stopped after a
-checkpoint and resumed with --resume auto ends with the same parameters as an uninterrupted one;
+"""End to end through `deepspeed megaclip/train.py` at world size 2 with the maskclip objective:
+a run stopped after a checkpoint and resumed with --resume auto ends with the same parameters
+and the same EMA teacher as an uninterrupted one;
 tools/eval.py on the checkpoint reproduces the in-training evaluation."""
 import json
 import os
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from megaclip.checkpoint import consolidate
+from megaclip.checkpoint import consolidate, consolidate_teacher
 from tests.conftest import ROOT, run_tool, synthetic_overrides
 
 
@@ -19,7 +20,8 @@ def train(out, synthetic, *extra, port):
            "--deepspeed_config", "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
            *synthetic_overrides(synthetic, out), "train.steps=6", "train.ckpt_every=3",
            "train.micro_batch_size=8", "train.log_every=1", "data.workers=2",
-           "data.shuffle_buffer=30", "optim.warmup_steps=2", *extra]
+           "data.shuffle_buffer=30", "optim.warmup_steps=2", "objective.preset=maskclip",
+           "objective.mask_distill.prototypes=64", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -48,6 +50,14 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
     # ... and differ from step 3, so the comparison means something.
     s3 = consolidate(str(b / "checkpoints" / "step00000003"))
     assert any(not torch.equal(s3[k], sb[k]) for k in sb)
+    # The fp32 EMA teacher shards, restored on resume, end identical too.
+    ta = consolidate_teacher(str(a / "checkpoints" / "step00000006"))
+    tb = consolidate_teacher(str(b / "checkpoints" / "step00000006"))
+    t3 = consolidate_teacher(str(b / "checkpoints" / "step00000003"))
+    assert ta.keys() == tb.keys() and len(ta) > 20
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(t3[k], tb[k]) for k in tb)
 
     # tools/eval.py on the final checkpoint reproduces the evaluation the trainer ran.
     with open(a / "eval_step00000006.json") as f:

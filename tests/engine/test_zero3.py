@@ -17,7 +17,8 @@ def launch(ds_config, n_procs, out, steps=5):
     proc = subprocess.run([deepspeed, "--num_gpus", str(n_procs), "--master_port",
                            str(29500 + os.getpid() % 1000 + n_procs), SCRIPT,
                            os.path.join(ROOT, "ds_configs", ds_config), str(out), str(steps)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
         return json.load(f)

@@ -33,7 +33,7 @@ def main(ds_path: str, out: str, steps: int) -> None:
                  if hasattr(p, "ds_tensor")]
     opt = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    objective = Objective(cfg.objective)
+    objective = Objective(cfg.objective, steps)
     losses = []
     for step in range(steps):
         g = torch.Generator().manual_seed(1000 + step)

@@ -1,0 +1,183 @@
+"""Launched by tests/engine/test_teacher.py under `deepspeed --num_gpus 2`: for each ZeRO stage
+asked, a few maskclip training steps through the real engine with the EMA teacher. Alongside,
+rank 0 keeps a whole-parameter fp32 EMA of the student (the reference) computed in one process
+from the gathered student parameters. Rank 0 writes a JSON report per stage."""
+import copy
+import dataclasses
+import json
+import os
+import sys
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaclip import checkpoint
+from megaclip.config import load_config
+from megaclip.data.masks import Masking, batch_masks
+from megaclip.distributed import world
+from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype
+from megaclip.engine.optim import build_optimizer, param_groups
+from megaclip.engine.step import Objective, to_device, train_step
+from megaclip.engine.teacher import PAIRS, EmaTeacher
+from megaclip.models import build_model, resolve_model_config
+from megaclip.models.registry import build_teacher_modules
+
+GLOBAL_BATCH, VOCAB, MOMENTUM = 8, 128, 0.9
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all_single", "barrier",
+               "send", "recv", "isend", "irecv", "all_gather_object", "broadcast_object_list",
+               "_all_gather_base", "_reduce_scatter_base", "all_gather_coalesced",
+               "all_reduce_coalesced", "gather", "scatter")
+
+
+class CollectiveCounter:
+    """Counts calls of every collective of torch.distributed and deepspeed.comm while active."""
+
+    def __init__(self):
+        import deepspeed.comm as dscomm
+        import deepspeed.comm.comm as dscomm_impl
+        import torch.distributed.distributed_c10d as c10d
+        self.modules = [dist, c10d, dscomm, dscomm_impl]
+        self.calls = 0
+
+    def __enter__(self):
+        self.saved = []
+        for mod in self.modules:
+            for name in COLLECTIVES:
+                fn = getattr(mod, name, None)
+                if fn is None:
+                    continue
+                self.saved.append((mod, name, fn))
+
+                def counted(*a, _fn=fn, **k):
+                    self.calls += 1
+                    return _fn(*a, **k)
+                setattr(mod, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self.saved:
+            setattr(mod, name, fn)
+
+
+def ds_for_stage(base: dict, stage: int) -> dict:
+    ds = copy.deepcopy(base)
+    zero = ds["zero_optimization"]
+    zero["stage"] = stage
+    if stage < 3:
+        for key in [k for k in zero if k.startswith("stage3")]:
+            del zero[key]
+    return ds
+
+
+def student_full_fp32(engine, name: str, stage: int) -> torch.Tensor:
+    """The student's whole fp32 parameter (gathers under ZeRO-3: every rank must call)."""
+    p = dict(engine.module.named_parameters())[name]
+    if stage == 3:
+        return deepspeed.utils.safe_get_full_fp32_param(p).detach().clone().float()
+    return p.data.detach().clone().float()
+
+
+def run_stage(stage: int, out_dir: str, steps: int) -> dict:
+    rank, ws = world()
+    cfg = load_config("maskclip_tiny_synthetic", [
+        f"train.micro_batch_size={GLOBAL_BATCH // ws}", "optim.warmup_steps=0", "optim.lr=0.002",
+        "model.vision.depth=2", "model.text.depth=2", "objective.mask_distill.prototypes=64",
+        "objective.mask_distill.head_hidden=64", "objective.mask_distill.head_bottleneck=32"])
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, VOCAB))
+    ds = merge_ds_config(ds_for_stage(load_ds_config("ds_configs/zero3_cpu.json"), stage),
+                         cfg.train, ws)
+    dtype = model_dtype(ds)
+    z3 = ds if stage == 3 else None
+    model = build_model(cfg.model, cfg.objective, seed=0, zero3_config=z3, dtype=dtype)
+    opt = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    trunk, head = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
+    teacher = EmaTeacher(engine.module, trunk, head, dtype)
+    teacher.init_from_student()
+    objective = Objective(cfg.objective, steps)
+
+    names = [(t_name, s_prefix + t_name[len(prefix):]) for t_name, _, _ in teacher.pairs
+             for prefix, s_prefix in PAIRS if t_name.startswith(prefix)]
+    reference = {}
+    for t_name, s_name in names:
+        full = student_full_fp32(engine, s_name, stage)
+        if rank == 0:
+            reference[t_name] = full
+
+    initial = {k: v.clone() for k, v in reference.items()}
+    side, ctx = cfg.model.vision.image_size, cfg.model.text.context_length
+    masking = Masking(grid=side // cfg.model.vision.patch_size, image=cfg.objective.mask,
+                      text=cfg.objective.text_mlm)
+    update_calls, losses = 0, []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        tokens = torch.randint(4, VOCAB, (GLOBAL_BATCH, ctx), generator=g)
+        eot = torch.randint(3, ctx, (GLOBAL_BATCH,), generator=g)
+        batch = {"images": torch.randn(GLOBAL_BATCH, 3, side, side, generator=g),
+                 "tokens": tokens, "eot": eot,
+                 **batch_masks(masking, [step * 100 + i for i in range(GLOBAL_BATCH)], tokens,
+                               eot, np.arange(4, VOCAB))}
+        n = GLOBAL_BATCH // ws
+        local = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+        terms = train_step(engine, objective, to_device(local, torch.device("cpu"), dtype),
+                           teacher, step)
+        losses.append({k: float(v) for k, v in terms.items()})
+        with CollectiveCounter() as counter:
+            teacher.update(MOMENTUM)
+        update_calls += counter.calls
+        for t_name, s_name in names:
+            full = student_full_fp32(engine, s_name, stage)
+            if rank == 0:
+                reference[t_name].mul_(MOMENTUM).add_(full, alpha=1 - MOMENTUM)
+
+    # The positive control: the counter does see a collective.
+    with CollectiveCounter() as control:
+        deepspeed.comm.all_reduce(torch.ones(1))
+        dist.all_reduce(torch.ones(1))
+
+    tag_dir = os.path.join(out_dir, f"stage{stage}")
+    os.makedirs(tag_dir, exist_ok=True)
+    checkpoint.save_teacher(tag_dir, teacher)
+    dist.barrier()
+    # A fresh teacher restored from the files holds this rank's shards bit for bit.
+    trunk2, head2 = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
+    restored = EmaTeacher(engine.module, trunk2, head2, dtype)
+    restored.ema = {k: torch.zeros_like(v) for k, v in teacher.ema.items()}
+    checkpoint.load_teacher(tag_dir, restored)
+    restored_exact = all(torch.equal(restored.ema[k], teacher.ema[k]) for k in teacher.ema)
+    probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(7))
+    same_output = torch.equal(restored(probe), teacher(probe))
+    held, full_bytes = teacher.memory_bytes()
+    report = {"stage": stage, "world_size": ws, "update_collectives": update_calls,
+              "control_collectives": control.calls, "held_bytes": held,
+              "full_bytes": full_bytes, "restored_exact": restored_exact,
+              "restored_same_output": same_output, "losses": losses}
+    exact = torch.tensor([float(restored_exact and same_output)])
+    dist.all_reduce(exact, op=dist.ReduceOp.MIN)
+    report["restored_exact_all_ranks"] = bool(exact.item() == 1.0)
+    if rank == 0:
+        consolidated = checkpoint.consolidate_teacher(tag_dir)
+        report["max_abs_diff_vs_reference"] = max(
+            (consolidated[k] - reference[k]).abs().max().item() for k in reference)
+        report["max_abs_teacher_move"] = max(
+            (consolidated[k] - initial[k]).abs().max().item() for k in reference)
+        torch.save({"teacher": consolidated, "reference": reference},
+                   os.path.join(out_dir, f"stage{stage}.pt"))
+        with open(os.path.join(out_dir, f"stage{stage}.json"), "w") as f:
+            json.dump(report, f)
+    dist.barrier()
+    return report
+
+
+def main(out_dir: str, steps: int, stages: list[int]) -> None:
+    deepspeed.init_distributed()
+    for stage in stages:
+        run_stage(stage, out_dir, steps)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(args[0], int(args[1]), [int(s) for s in args[2].split(",")])
