@@ -182,6 +182,10 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     tensorboard: bool = True
+    # On any of these signals: checkpoint at the next step boundary, then (under Slurm, with
+    # requeue_on_stop) requeue the job, which resumes from that checkpoint.
+    stop_signals: tuple = ("SIGUSR1",)
+    requeue_on_stop: bool = True
 
 
 @dataclass

@@ -11,7 +11,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from megaclip import checkpoint
+from megaclip import checkpoint, cluster
 from megaclip.config import Config, save_resolved, to_dict
 from megaclip.data.decode import BAD_KINDS
 from megaclip.data.eval_set import EvalSet
@@ -48,10 +48,14 @@ class Trainer:
     def __init__(self, cfg: Config, ds_config: dict, resume: Optional[str] = None,
                  ds_source: str = "DeepSpeed config", stop_after: int = 0):
         expand_shards(cfg.data.train_shards)  # fail fast, before any rank builds a model
+        from_slurm = cluster.setup_from_slurm()  # an srun task: env:// from Slurm's variables
         default_env()
+        # Before the data workers fork, so they inherit the handler instead of dying of it.
+        self.stop_signal = cluster.StopSignal(tuple(cfg.train.stop_signals))
         deepspeed.init_distributed()
         self.stop_after = stop_after
         self.rank, self.world_size = world()
+        self.from_slurm = from_slurm
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(acc.current_device())
                                    if acc.device_name() == "cuda" else "cpu")
@@ -109,6 +113,15 @@ class Trainer:
                       f"{stage}, {str(self.dtype).replace('torch.', '')}, global batch "
                       f"{self.global_batch}, {self._num_params() / 1e6:.1f}M parameters"
                       + (f", resumed from {tag} at step {self.step}" if tag else ""))
+        hosts = [None] * self.world_size
+        torch.distributed.all_gather_object(hosts, cluster.host_description())
+        by_host: dict[str, list[int]] = {}
+        for r, h in enumerate(hosts):
+            by_host.setdefault(h, []).append(r)
+        self.log.text("ranks by host: " + "; ".join(f"{h}: {rs}" for h, rs in by_host.items())
+                      + (f" (Slurm job {os.environ.get('SLURM_JOB_ID')}, rendezvous "
+                         f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})"
+                         if from_slurm else ""))
         if self.teacher is not None:
             held, full = self.teacher.memory_bytes()
             self.log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
@@ -175,6 +188,8 @@ class Trainer:
                 results = self.evaluate()
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save()
+            if self.step < cfg.train.steps and self._stop_requested():
+                return self._stop_for_signal()
         if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
             self.save()
         if self.step < cfg.train.steps:  # stopped early on request: no final evaluation
@@ -189,6 +204,23 @@ class Trainer:
                           f"{1 / len(self.eval_set.classnames):.4f}) after {self.step} steps")
         self.log.close()
         return results
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (ranks may get it at different steps)."""
+        flag = torch.tensor([1.0 if self.stop_signal.received else 0.0], device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
+    def _stop_for_signal(self) -> dict:
+        if not (self.cfg.train.ckpt_every and self.step % self.cfg.train.ckpt_every == 0):
+            self.save()
+        why = self.stop_signal.received or "a signal on another rank"
+        self.log.text(f"pre-empted by {why} after step {self.step}: checkpoint saved")
+        if self.rank == 0 and self.from_slurm and self.cfg.train.requeue_on_stop:
+            self.log.text(f"requeueing Slurm job {os.environ.get('SLURM_JOB_ID')}; the next run "
+                          f"resumes from step {self.step}")
+            self.log.text(cluster.requeue())
+        self.log.close()
+        return {}
 
     def _log(self, sums: dict, n_steps: int, seconds: float, lr: float) -> None:
         keys = sorted(sums)

@@ -1,0 +1,101 @@
+"""Running under Slurm: torch.distributed env:// variables from Slurm's, pre-emption signals,
+and requeueing the job once a checkpoint is safe.
+
+``srun`` starts one task per GPU; every task computes its rank, local rank and world size from
+``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``, and the rendezvous address from the first host
+of the allocation. No ssh, no pdsh, no launcher process.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+from typing import Optional
+
+_RANGE = re.compile(r"^(?P<prefix>[^\[,]+)\[(?P<body>[^\]]+)\]")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a Slurm node list: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty node list")
+    m = _RANGE.match(nodelist)
+    if m is None:
+        return nodelist.split(",")[0]
+    first = m.group("body").split(",")[0].split("-")[0]
+    return m.group("prefix") + first
+
+
+def master_port(job_id: str) -> int:
+    """A port every task of the job derives alike (10000-59999), unless MASTER_PORT is set."""
+    return 10000 + int(job_id) % 50000
+
+
+def tasks_per_node(value: str) -> int:
+    """``SLURM_TASKS_PER_NODE`` such as ``8(x4)`` or ``2,1``: the first node's count."""
+    return int(value.split(",")[0].split("(")[0])
+
+
+def slurm_env(environ: Optional[dict] = None) -> dict[str, str]:
+    """The env:// variables torch.distributed needs, from a Slurm task's environment.
+    Values already set (MASTER_ADDR, MASTER_PORT) win."""
+    env = os.environ if environ is None else environ
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+           "LOCAL_SIZE": str(tasks_per_node(env.get("SLURM_TASKS_PER_NODE", "1"))),
+           "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+           "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(env["SLURM_JOB_ID"]))}
+    return out
+
+
+def in_slurm_step() -> bool:
+    """True inside an ``srun`` task (not in the batch shell, not under another launcher)."""
+    return "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ and \
+        "RANK" not in os.environ
+
+
+def setup_from_slurm() -> bool:
+    """Fill the env:// variables when running as an srun task; returns whether it did."""
+    if not in_slurm_step():
+        return False
+    os.environ.update(slurm_env())
+    return True
+
+
+def host_description() -> str:
+    name = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(name)
+    except OSError:
+        addr = "?"
+    return f"{name} ({addr})"
+
+
+class StopSignal:
+    """Remembers that one of ``signals`` arrived (e.g. Slurm's warning before the time limit, or
+    ``scancel --signal=USR1``); the trainer checks it at step boundaries."""
+
+    def __init__(self, names: tuple = ("SIGUSR1",)):
+        self.received: Optional[str] = None
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                raise ValueError(f"unknown signal {name}")
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def requeue() -> str:
+    """Ask Slurm to requeue this job (it restarts with the same id and resumes)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not a Slurm job: not requeued"
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+    return f"job {job} requeued"
