@@ -15,6 +15,7 @@
 #SBATCH --output=logs/%x-%j.log
 CONFIG=${CONFIG:-maskclip_vitb16}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-TRAIN_SHARDS=${TRAIN_SHARDS:-/data/yfcc15m/{00000..01499}.tar}
+# (a brace pattern cannot sit inside ${VAR:-default}: its braces would end the expansion)
+[ -n "${TRAIN_SHARDS:-}" ] || TRAIN_SHARDS='/data/yfcc15m/{00000..01499}.tar'
 TOKENIZER=${TOKENIZER:-/data/spm32k.model}
 source "${MEGACLIP_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

@@ -17,6 +17,7 @@
 #SBATCH --output=logs/%x-%j.log
 CONFIG=${CONFIG:-maskclip_vitl14}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
-TRAIN_SHARDS=${TRAIN_SHARDS:-/data/laion400m/{000000..041407}.tar}
+# (a brace pattern cannot sit inside ${VAR:-default}: its braces would end the expansion)
+[ -n "${TRAIN_SHARDS:-}" ] || TRAIN_SHARDS='/data/laion400m/{000000..041407}.tar'
 TOKENIZER=${TOKENIZER:-/data/spm32k.model}
 source "${MEGACLIP_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
