@@ -123,7 +123,8 @@ class TrainStream(IterableDataset):
             seed = derive_seed(self.seed, self.rank, wid, index)
             images.append(seeded(self.transform, image, seed))
             captions.append(caption)
-            seeds.append(derive_seed(seed, _MASKS))
+            if self.masking is not None:
+                seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
                 batch = {"images": torch.stack(images), "tokens": tokens, "eot": eot,
