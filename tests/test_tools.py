@@ -12,7 +12,8 @@ from PIL import Image
 
 from tests.conftest import ROOT, run_tool
 
-TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py"]
+TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
+         "bench_objectives.py"]
 
 
 def run_train(*args):
