@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         print(f"{r['objective']} / {base['objective']}: time "
               f"{r['step_time_s'] / base['step_time_s']:.2f}x, peak memory "
               f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}x "
-              f"({r['peak_mem_gib']:.2f} vs {base['peak_mem_gib']:.2f} GiB)")
+              f"({r['peak_mem_gib']:.2f} vs {base['peak_mem_gib']:.2f} GiB), model FLOPs "
+              f"{r['flops_per_sample'] / base['flops_per_sample']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
