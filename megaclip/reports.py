@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import re
+import statistics
 
 from megaclip.errors import UserError
 
@@ -24,7 +24,8 @@ def latest_eval(run_dir: str) -> dict:
         if m:
             found.append((int(m.group(1)), path))
     if not found:
-        raise UserError(f"{run_dir}: no eval_step*.json (unfinished, or trained without eval.shards)")
+        raise UserError(f"{run_dir}: no eval_step*.json "
+                        "(unfinished, or trained without eval.shards)")
     step, path = max(found)
     with open(path) as f:
         result = json.load(f)
@@ -34,11 +35,7 @@ def latest_eval(run_dir: str) -> dict:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(groups: dict[str, list[dict]], metrics: list[str]) -> dict[str, dict]:

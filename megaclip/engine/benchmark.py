@@ -78,6 +78,7 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     flops = train_flops_per_sample(cfg.model, cfg.objective)
     return {"objective": objective_preset, "device": device.type, "batch": B,
             "step_time_s": step_time, "samples_per_s": B / step_time,
-            "tflops": B * flops / step_time / 1e12, "flops_per_sample": flops, "peak_mem_gib": peak_memory_gib(device),
+            "tflops": B * flops / step_time / 1e12, "flops_per_sample": flops,
+            "peak_mem_gib": peak_memory_gib(device),
             "params_m": sum(getattr(p, "ds_numel", p.numel())
                             for p in engine.module.parameters()) / 1e6}
