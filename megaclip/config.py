@@ -186,6 +186,8 @@ class TrainConfig:
     # requeue_on_stop) requeue the job, which resumes from that checkpoint.
     stop_signals: tuple = ("SIGUSR1",)
     requeue_on_stop: bool = True
+    # Peak TFLOP/s of one device for the logged MFU; 0: look the GPU up (bf16 on known GPUs).
+    peak_tflops: float = 0.0
 
 
 @dataclass

@@ -1,8 +1,24 @@
-"""Small collective helpers that work on NCCL (GPU) and gloo (CPU) alike."""
+"""This rank's device, and small collective helpers that work on NCCL (GPU) and gloo (CPU) alike.
+
+Every collective needs its tensors on the rank's device (NCCL raises on a host tensor), so the
+device is chosen once, first, by ``setup_device``, and every helper here checks it.
+"""
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.distributed as dist
+
+from megaclip.errors import UserError
+
+_DEVICE = torch.device("cpu")
+# torch.distributed functions that take tensors; MEGACLIP_CHECK_COLLECTIVES=1 wraps them all.
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all", "all_to_all_single",
+                "gather", "scatter", "send", "recv", "isend", "irecv", "all_reduce_coalesced",
+                "_all_gather_base", "_reduce_scatter_base")
 
 
 def world() -> tuple[int, int]:
@@ -10,6 +26,76 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_device() -> torch.device:
+    """The device ``setup_device`` chose for this rank (the CPU before it is called)."""
+    return _DEVICE
+
+
+def setup_device(accelerator=None) -> torch.device:
+    """Choose and select this rank's device; call it before any model, tensor or data worker
+    exists. With GPUs it is ``cuda:LOCAL_RANK`` (LOCAL_RANK from the deepspeed launcher, torchrun
+    or, through ``cluster.setup_from_slurm``, srun). A task that sees a single GPU (srun
+    ``--gpus-per-task=1``) uses it whatever its local rank, and LOCAL_RANK becomes 0 so that
+    DeepSpeed, which reads LOCAL_RANK, places its partitions there too."""
+    global _DEVICE
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        _DEVICE = torch.device("cpu")
+    else:
+        local, visible = int(os.environ.get("LOCAL_RANK", "0")), accelerator.device_count()
+        if visible == 1 and local > 0:
+            local = 0
+            os.environ["LOCAL_RANK"] = "0"
+        elif local >= visible:
+            raise UserError(f"LOCAL_RANK is {local} but this task sees {visible} "
+                            f"{accelerator.device_name()} device(s): start at most one task per "
+                            f"device on each node")
+        accelerator.set_device(local)
+        _DEVICE = torch.device(accelerator.device_name(local))
+    if os.environ.get("MEGACLIP_CHECK_COLLECTIVES") == "1":
+        check_collective_devices()
+    return _DEVICE
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def on_rank_device(*tensors: torch.Tensor) -> None:
+    """Raise unless every tensor lives on this rank's device (what NCCL requires)."""
+    for t in _tensors(tensors):
+        if t.device != _DEVICE:
+            raise RuntimeError(f"a collective was handed a tensor on {t.device}, but this "
+                               f"rank's device is {_DEVICE}")
+
+
+def check_collective_devices() -> None:
+    """Wrap every tensor collective of ``torch.distributed`` (megaclip's and DeepSpeed's, which
+    look them up there) so that a tensor off the rank's device raises at the call, on gloo as on
+    NCCL. Turned on by MEGACLIP_CHECK_COLLECTIVES=1 (the tests and tools/gpu_check.sh)."""
+    for name in _COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None or getattr(fn, "_megaclip_checked", False):
+            continue
+
+        def checked(*args, __fn=fn, __name=name, **kwargs):
+            try:
+                on_rank_device(*args, *kwargs.values())
+            except RuntimeError as e:
+                raise RuntimeError(f"torch.distributed.{__name}: {e}") from None
+            return __fn(*args, **kwargs)
+
+        checked = functools.wraps(fn)(checked)
+        checked._megaclip_checked = True
+        setattr(dist, name, checked)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -40,6 +126,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank (rank order) keeping the autograd path to each rank."""
+    on_rank_device(x)
     if world()[1] == 1:
         return x
     return _GatherWithGrad.apply(x)
@@ -48,6 +135,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0 (no gradient); equal shapes required."""
+    on_rank_device(x)
     if world()[1] == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world()[1])]
@@ -56,6 +144,8 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the ranks, in place."""
+    on_rank_device(x)
     if world()[1] > 1:
         dist.all_reduce(x)
     return x
@@ -63,13 +153,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def barrier() -> None:
     if world()[1] > 1:
-        dist.barrier()
+        if dist.get_backend() == "nccl":  # else NCCL guesses a device and may pick another
+            dist.barrier(device_ids=[_DEVICE.index])
+        else:
+            dist.barrier()
 
 
 def default_env() -> None:
     """Let ``python megaclip/train.py`` run as a single process without a launcher: fill the
     torch.distributed env:// variables when no launcher (deepspeed, torchrun, srun) set them."""
-    import os
     if "RANK" in os.environ:
         return
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"})

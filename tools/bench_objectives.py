@@ -10,14 +10,14 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from megaclip.errors import UserError, run_cli  # noqa: E402
 
 EXAMPLE = """examples:
-  python tools/bench_objectives.py                          # tiny model on the CPU
-  python tools/bench_objectives.py --preset vit_b16 --batch 64 --grad-checkpointing \\
-      --deepspeed_config ds_configs/zero3_bf16.json         # one GPU
+  python tools/bench_objectives.py --preset vit_b16 --batch 64 --grad-checkpointing   # one GPU, bf16
+  python tools/bench_objectives.py --deepspeed_config ds_configs/zero3_cpu.json      # tiny model, CPU, fp32
 """
 
 
@@ -32,8 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--deepspeed_config", default=None,
-                   help="default: ds_configs/zero3_bf16.json on CUDA, zero3_cpu.json otherwise")
+    p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"),
+                   help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json, which needs a GPU; "
+                        "on the CPU pass ds_configs/zero3_cpu.json)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -46,11 +47,6 @@ def overrides(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if args.deepspeed_config is None:
-        import torch
-        name = "zero3_bf16.json" if torch.cuda.is_available() else "zero3_cpu.json"
-        args.deepspeed_config = os.path.join(root, "ds_configs", name)
     if args.child:
         from megaclip.engine.benchmark import measure
         from megaclip.engine.ds_config import load_ds_config
@@ -70,14 +66,18 @@ def main(argv=None) -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            if "unknown objective.preset" in proc.stderr:
-                raise UserError(proc.stderr.strip().splitlines()[-1])
+            if proc.returncode == 2 and proc.stderr.strip():  # the child's user error, as is
+                raise UserError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
             raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         results.append(json.loads(lines[-1][len("RESULT "):]))
         r = results[-1]
+        mfu = f"  MFU {r['mfu']:.3f}" if r["mfu"] is not None else ""
+        reserved = (f" (reserved {r['peak_reserved_gib']:.2f})" if "peak_reserved_gib" in r
+                    else "")
         print(f"{name:>14}: {r['step_time_s'] * 1000:9.1f} ms/step  {r['samples_per_s']:8.1f} "
-              f"samples/s  {r['tflops']:7.3f} model TFLOP/s  peak {r['peak_mem_gib']:6.2f} GiB  "
-              f"({r['params_m']:.1f}M params, {r['device']}, batch {r['batch']})", flush=True)
+              f"samples/s  {r['tflops']:7.3f} model TFLOP/s{mfu}  peak {r['peak_mem_gib']:6.2f} "
+              f"GiB{reserved}  ({r['params_m']:.1f}M params, {r['device']}, batch "
+              f"{r['batch']}, {r['optimizer']})", flush=True)
     base = results[0]
     for r in results[1:]:
         print(f"{r['objective']} / {base['objective']}: time "

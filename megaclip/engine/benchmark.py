@@ -10,10 +10,10 @@ import torch
 
 from megaclip.config import load_config
 from megaclip.data.masks import Masking, batch_masks
-from megaclip.distributed import default_env
-from megaclip.engine.ds_config import merge_ds_config, model_dtype, zero_stage
+from megaclip.distributed import default_env, setup_device
+from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
-from megaclip.engine.metrics import peak_memory_gib
+from megaclip.engine.metrics import memory_figures, peak_tflops
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
 from megaclip.engine.teacher import EmaTeacher
@@ -24,18 +24,16 @@ from megaclip.models.registry import build_teacher_modules
 def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_size: int,
             steps: int, warmup: int) -> dict:
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    default_env()
-    deepspeed.init_distributed()
-    acc = get_accelerator()
-    device = torch.device(acc.device_name(acc.current_device())
-                          if acc.device_name() == "cuda" else "cpu")
     cfg = load_config(None, [f"objective.preset={objective_preset}", *overrides])
+    default_env()
+    device = setup_device()
+    check_precision(ds_config, device)
+    deepspeed.init_distributed()
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
     ds = merge_ds_config(ds_config, cfg.train, 1)
     dtype, stage = model_dtype(ds), zero_stage(ds)
     model = build_model(cfg.model, cfg.objective, 0, ds if stage == 3 else None, dtype)
-    opt = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), device.type)
+    opt, opt_name = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), device.type)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     teacher = None
     if cfg.objective.uses_teacher:
@@ -76,9 +74,11 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     sync()
     step_time = (time.perf_counter() - start) / steps
     flops = train_flops_per_sample(cfg.model, cfg.objective)
+    peak = peak_tflops(device, dtype)
+    tflops = B * flops / step_time / 1e12
     return {"objective": objective_preset, "device": device.type, "batch": B,
-            "step_time_s": step_time, "samples_per_s": B / step_time,
-            "tflops": B * flops / step_time / 1e12, "flops_per_sample": flops,
-            "peak_mem_gib": peak_memory_gib(device),
+            "step_time_s": step_time, "samples_per_s": B / step_time, "tflops": tflops,
+            "mfu": tflops / peak if peak else None, "flops_per_sample": flops,
+            "optimizer": opt_name, **memory_figures(device),
             "params_m": sum(getattr(p, "ds_numel", p.numel())
                             for p in engine.module.parameters()) / 1e6}

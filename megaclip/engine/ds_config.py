@@ -61,3 +61,12 @@ def zero_stage(ds: dict) -> int:
 
 def model_dtype(ds: dict) -> torch.dtype:
     return torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+
+
+def check_precision(ds: dict, device: torch.device, source: str = "DeepSpeed config") -> None:
+    """bf16 needs a GPU: on a CPU a bf16 step is emulated where oneDNN lacks bf16 kernels (an
+    open_clip B/16 step took 57 s against 1.6 s in fp32), so refuse rather than crawl."""
+    if model_dtype(ds) == torch.bfloat16 and device.type == "cpu":
+        raise UserError(f"{source} enables bf16, but no GPU is visible (check the driver and "
+                        f"CUDA_VISIBLE_DEVICES). On the CPU, train in fp32 with "
+                        f"ds_configs/zero3_cpu.json.")

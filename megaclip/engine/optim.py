@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from megaclip.config import OptimConfig
+from megaclip.distributed import all_reduce_sum, rank_device
 from megaclip.errors import UserError
 
 
@@ -30,14 +31,36 @@ def resolve_impl(impl: str, device_type: str) -> str:
     return impl
 
 
-def build_optimizer(cfg: OptimConfig, groups: list[dict], device_type: str) -> torch.optim.Optimizer:
+def _deepspeed_fused_adam(groups: list[dict], **kw) -> torch.optim.Optimizer:
+    """DeepSpeed's FusedAdam, whose CUDA op is compiled on first use (nvcc matching torch's CUDA)."""
+    from deepspeed.ops.adam import FusedAdam
+    return FusedAdam(groups, adam_w_mode=True, **kw)
+
+
+def build_optimizer(cfg: OptimConfig, groups: list[dict], device_type: str
+                    ) -> tuple[torch.optim.Optimizer, str]:
+    """(optimiser, a line for the log saying which one runs). With ``impl: auto`` on CUDA,
+    DeepSpeed's FusedAdam when its op builds and loads, otherwise torch's fused AdamW."""
     impl = resolve_impl(cfg.impl, device_type)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if impl == "deepspeed_fused":
         if device_type != "cuda":
             raise UserError("optim.impl=deepspeed_fused needs CUDA; on the CPU use torch_fused")
-        from deepspeed.ops.adam import FusedAdam
-        return FusedAdam(groups, adam_w_mode=True, **kw)
+        optimizer, why = None, "it failed on another rank"
+        try:
+            optimizer = _deepspeed_fused_adam(groups, **kw)
+        except Exception as e:  # noqa: BLE001 - nvcc missing, CUDA mismatch, compile error...
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        # Every rank must run the same optimiser (its state is saved in one format).
+        failed = all_reduce_sum(torch.tensor([float(optimizer is None)], device=rank_device()))
+        if failed.item() == 0:
+            return optimizer, "DeepSpeed FusedAdam"
+        if cfg.impl != "auto":
+            raise UserError(f"optim.impl=deepspeed_fused: DeepSpeed's FusedAdam could not be "
+                            f"built or loaded ({why}); use optim.impl=auto or torch_fused")
+        return (torch.optim.AdamW(groups, fused=True, **kw),
+                f"torch AdamW (fused), as DeepSpeed's FusedAdam could not be built or loaded "
+                f"({why})")
     if impl == "apex_fused":
         try:
             from apex.optimizers import FusedAdam as ApexFusedAdam
@@ -45,7 +68,7 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], device_type: str) -> t
             raise UserError("optim.impl=apex_fused needs NVIDIA apex built from source "
                             "(github.com/NVIDIA/apex); the registry package named 'apex' is an "
                             "unrelated project. Use optim.impl=auto instead.") from None
-        return ApexFusedAdam(groups, adam_w_mode=True, **kw)
+        return ApexFusedAdam(groups, adam_w_mode=True, **kw), "NVIDIA apex FusedAdam"
     if impl == "torch_fused":
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    return torch.optim.AdamW(groups, foreach=True, **kw)
+        return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW (fused)"
+    return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach)"

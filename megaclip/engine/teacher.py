@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -88,11 +88,19 @@ class EmaTeacher:
         self._refresh()
 
     @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        """ema = m * ema + (1 - m) * student (fp32), then refresh the working copy."""
+    def update(self, momentum: float, measure: bool = False) -> Optional[torch.Tensor]:
+        """ema = m * ema + (1 - m) * student (fp32), then refresh the working copy. With
+        ``measure``, also return the RMS of this update's change over this rank's EMA tensors
+        (0-dim, on their device; it costs one more read, so the trainer asks on log steps)."""
+        sq, numel = None, 0
         for name, _, s in self.pairs:
-            self.ema[name].mul_(momentum).add_(self._student_fp32(s).float(), alpha=1 - momentum)
+            ema, student = self.ema[name], self._student_fp32(s).float()
+            if measure:
+                change = (student - ema).square().sum() * (1 - momentum) ** 2
+                sq, numel = change if sq is None else sq + change, numel + ema.numel()
+            ema.mul_(momentum).add_(student, alpha=1 - momentum)
         self._refresh()
+        return (sq / max(1, numel)).sqrt() if measure and sq is not None else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's fp32 EMA tensors (shards under ZeRO-3, whole otherwise), on the CPU."""

@@ -9,7 +9,6 @@ from typing import Optional
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 
 from megaclip import checkpoint, cluster
 from megaclip.config import Config, save_resolved, to_dict
@@ -19,10 +18,10 @@ from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.webdataset import build_train_loader
 from megaclip.data.shards import expand_shards
-from megaclip.distributed import all_reduce_sum, default_env, world
-from megaclip.engine.ds_config import merge_ds_config, model_dtype, zero_stage
+from megaclip.distributed import all_reduce_sum, default_env, setup_device, world
+from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
-from megaclip.engine.metrics import MetricLogger, peak_memory_gib
+from megaclip.engine.metrics import MetricLogger, memory_figures, peak_tflops
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.schedules import warmup_cosine
 from megaclip.engine.step import Objective, to_device, train_step
@@ -41,24 +40,40 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
+def pack_for_reduce(means: dict[str, torch.Tensor], counts: list[float],
+                    device: torch.device) -> torch.Tensor:
+    """One vector on ``device`` for a single all-reduce: ``means`` in sorted key order, then
+    ``counts`` (host numbers, copied to the device in one transfer)."""
+    vec = [means[k].detach().float().reshape(1) for k in sorted(means)]
+    vec.append(torch.tensor(counts, dtype=torch.float32).to(device))
+    return torch.cat(vec)
+
+
+def unpack_reduced(summed: list[float], keys: list[str], world_size: int
+                   ) -> tuple[dict[str, float], list[float]]:
+    """Inverse of ``pack_for_reduce`` after the sum over ranks: means of ``keys``, counts."""
+    values = {k: summed[i] / world_size for i, k in enumerate(keys)}
+    return values, summed[len(keys):]
+
+
 class Trainer:
-    """Order: distributed -> tokenizer/config -> DeepSpeed config -> model (zero.Init) ->
-    optimiser -> engine -> EMA teacher -> resume -> data."""
+    """Order: the rank's device -> distributed -> tokenizer/config -> DeepSpeed config ->
+    model (zero.Init) -> optimiser -> engine -> EMA teacher -> resume -> data."""
 
     def __init__(self, cfg: Config, ds_config: dict, resume: Optional[str] = None,
                  ds_source: str = "DeepSpeed config", stop_after: int = 0):
         expand_shards(cfg.data.train_shards)  # fail fast, before any rank builds a model
         from_slurm = cluster.setup_from_slurm()  # an srun task: env:// from Slurm's variables
         default_env()
+        # cuda:LOCAL_RANK, selected before any model, tensor, process group or data worker.
+        self.device = setup_device()
+        check_precision(ds_config, self.device, ds_source)
         # Before the data workers fork, so they inherit the handler instead of dying of it.
         self.stop_signal = cluster.StopSignal(tuple(cfg.train.stop_signals))
         deepspeed.init_distributed()
         self.stop_after = stop_after
         self.rank, self.world_size = world()
         self.from_slurm = from_slurm
-        acc = get_accelerator()
-        self.device = torch.device(acc.device_name(acc.current_device())
-                                   if acc.device_name() == "cuda" else "cpu")
         torch.manual_seed(cfg.train.seed)
 
         self.tokenizer = Tokenizer(cfg.data.tokenizer, context_length(cfg.model))
@@ -69,8 +84,8 @@ class Trainer:
 
         model = build_model(cfg.model, cfg.objective, cfg.train.seed,
                             self.ds_config if stage == 3 else None, self.dtype)
-        optimizer = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay),
-                                    self.device.type)
+        optimizer, optimizer_name = build_optimizer(
+            cfg.optim, param_groups(model, cfg.optim.weight_decay), self.device.type)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
         self.objective = Objective(cfg.objective, cfg.train.steps).to(self.device)
@@ -104,15 +119,21 @@ class Trainer:
                                  cfg.data.mean, cfg.data.std, cfg.data.image_keys,
                                  cfg.data.caption_key) if cfg.eval.shards else None)
         self.log = MetricLogger(os.path.join(self.out_dir, "tensorboard") if cfg.train.tensorboard
-                                else None, self.rank == 0, cfg.train.steps)
+                                else None, self.rank == 0, cfg.train.steps,
+                                os.path.join(self.out_dir, "metrics.jsonl"))
         if self.rank == 0:
             save_resolved(cfg, os.path.join(self.out_dir, "config.yaml"))
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
         self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.objective)
+        self.peak_tflops = peak_tflops(self.device, self.dtype, cfg.train.peak_tflops)
         self.log.text(f"megaclip: {self.world_size} rank(s) on {self.device.type}, ZeRO stage "
                       f"{stage}, {str(self.dtype).replace('torch.', '')}, global batch "
                       f"{self.global_batch}, {self._num_params() / 1e6:.1f}M parameters"
                       + (f", resumed from {tag} at step {self.step}" if tag else ""))
+        self.log.text(f"optimiser: {optimizer_name}; "
+                      + (f"MFU against {self.peak_tflops:g} TFLOP/s per device"
+                         if self.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "
+                         "and dtype; set train.peak_tflops)"))
         hosts = [None] * self.world_size
         torch.distributed.all_gather_object(hosts, cluster.host_description())
         by_host: dict[str, list[int]] = {}
@@ -158,7 +179,9 @@ class Trainer:
         last = cfg.train.steps if not self.stop_after else min(cfg.train.steps,
                                                                 first_step + self.stop_after)
         sums: dict[str, torch.Tensor] = {}
-        t_log = time.time()
+        # Per log interval: wall time, time spent waiting for batches, and time spent on
+        # evaluation and checkpoints (excluded from the step time).
+        t_log, data_time, other_time = time.perf_counter(), 0.0, 0.0
         while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
@@ -166,28 +189,35 @@ class Trainer:
                 group["lr"] = lr
             self.engine.train()
             for _ in range(cfg.train.grad_accum_steps):
+                t0 = time.perf_counter()
                 batch = next(it)
+                data_time += time.perf_counter() - t0
                 self.stream.update(batch)
                 terms = train_step(self.engine, self.objective,
                                    to_device(batch, self.device, self.dtype), self.teacher,
                                    self.step)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum_steps
+            log_now = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == cfg.train.steps
+            last_values = {}
             if self.teacher is not None:  # after the optimiser step: the masters are current
                 m = momentum_at(self.step, cfg.train.steps, cfg.objective.teacher.momentum,
                                 cfg.objective.teacher.momentum_end)
-                self.teacher.update(m)
-                sums["teacher_momentum"] = sums.get("teacher_momentum", 0) + torch.tensor(m, device=self.device)
+                last_values["teacher_momentum"] = torch.tensor(m, device=self.device)
+                last_values["teacher_update_rms"] = self.teacher.update(m, measure=log_now)
             self.step += 1
             self.samples_seen += self.global_batch
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            if log_now:
                 n_steps = self.step - max(first_step, self.step - cfg.train.log_every)
-                self._log(sums, n_steps, time.time() - t_log, lr)
-                sums, t_log = {}, time.time()
+                seconds = time.perf_counter() - t_log - other_time
+                self._log(sums, last_values, n_steps, seconds, data_time, lr)
+                sums, t_log, data_time, other_time = {}, time.perf_counter(), 0.0, 0.0
+            t0 = time.perf_counter()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set:
                 results = self.evaluate()
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save()
+            other_time += time.perf_counter() - t0
             if self.step < cfg.train.steps and self._stop_requested():
                 return self._stop_for_signal()
         if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
@@ -222,20 +252,25 @@ class Trainer:
         self.log.close()
         return {}
 
-    def _log(self, sums: dict, n_steps: int, seconds: float, lr: float) -> None:
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] / max(1, n_steps) for k in keys]).to(self.device)
-        vec = all_reduce_sum(vec) / self.world_size
-        values = {k: vec[i].item() for i, k in enumerate(keys)}
+    def _log(self, sums: dict, last: dict, n_steps: int, seconds: float, data_time: float,
+             lr: float) -> None:
+        """One all-reduce: loss terms and statistics averaged over ranks, skipped-sample counts
+        summed. ``seconds`` excludes evaluation and checkpoint writing."""
+        means = {k: v / max(1, n_steps) for k, v in sums.items()}
+        means.update({k: v for k, v in last.items() if v is not None})
+        bad = self.stream.bad_total()
+        means["data_time_s"] = torch.tensor(data_time / max(1, n_steps), device=self.device)
+        packed = pack_for_reduce(means, [float(bad.get(k, 0)) for k in BAD_KINDS], self.device)
+        values, counts = unpack_reduced(all_reduce_sum(packed).tolist(), sorted(means),
+                                        self.world_size)
         step_time = seconds / max(1, n_steps)
         per_device = self.global_batch / step_time / self.world_size
+        tflops = per_device * self.flops_per_sample / 1e12
         values.update({"lr": lr, "samples_per_s": per_device * self.world_size,
-                       "step_time_s": step_time,
-                       "tflops_per_device": per_device * self.flops_per_sample / 1e12,
-                       "peak_mem_gib": peak_memory_gib(self.device)})
-        bad = self.stream.bad_total()
-        counts = all_reduce_sum(torch.tensor([float(bad.get(k, 0)) for k in BAD_KINDS]))
-        values.update({f"skipped_{k}": c for k, c in zip(BAD_KINDS, counts.tolist()) if c})
+                       "step_time_s": step_time, "tflops_per_device": tflops,
+                       **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
+                       **memory_figures(self.device)})
+        values.update({f"skipped_{k}": c for k, c in zip(BAD_KINDS, counts) if c})
         self.log.scalars(self.step, values, "train/")
         self.log.console(self.step, values)
 

@@ -109,14 +109,34 @@ def build_teacher_modules(cfg: ModelConfig, objective: ObjectiveConfig,
         trunk, head = trunk.to(dtype), head.to(dtype)
     for p in list(trunk.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
+    check_dtype(trunk, dtype, "the EMA teacher's trunk")
+    check_dtype(head, dtype, "the EMA teacher's head")
     return trunk, head
 
 
 def _partitioned(zero3_config: Optional[dict], dtype: torch.dtype):
+    """``deepspeed.zero.Init`` that creates parameters in ``dtype`` on every machine.
+
+    DeepSpeed 0.19.8 drops an explicit ``dtype`` when the accelerator reports no fp16 support
+    (``dtype or fp16 if fp16_supported else bf16 ...`` in ``Init._set_dtype``), so a CPU without
+    oneDNN fp16 got bf16 parameters in an fp32 run. ``dtype=None`` makes DeepSpeed read the
+    dtype from the config, which is where ``model_dtype`` reads it too; the dtype is then pinned
+    in case another DeepSpeed version decides differently, and ``check_dtype`` verifies it."""
     if zero3_config is None:
         return contextlib.nullcontext()
     import deepspeed
-    return deepspeed.zero.Init(config_dict_or_path=zero3_config, dtype=dtype)
+    init = deepspeed.zero.Init(config_dict_or_path=zero3_config, dtype=None)
+    init.dtype = dtype
+    return init
+
+
+def check_dtype(module: nn.Module, dtype: torch.dtype, what: str = "the model") -> None:
+    """Every floating parameter (its local partition under ZeRO-3) and buffer is ``dtype``."""
+    tensors = [(n, getattr(p, "ds_tensor", p)) for n, p in module.named_parameters()]
+    tensors += list(module.named_buffers())
+    wrong = [(n, t.dtype) for n, t in tensors if t.is_floating_point() and t.dtype != dtype]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} tensors of {what} are not {dtype}, e.g. {wrong[:3]}")
 
 
 def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
@@ -126,6 +146,8 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
     ``seed`` (identical for any world size)."""
     with _partitioned(zero3_config, dtype):
         model = _construct(cfg, objective)
+    if zero3_config is not None:  # without ZeRO-3 the DeepSpeed engine casts the model itself
+        check_dtype(model, dtype)
     init_weights(model, seed)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model

@@ -92,7 +92,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     dtype = model_dtype(ds)
     z3 = ds if stage == 3 else None
     model = build_model(cfg.model, cfg.objective, seed=0, zero3_config=z3, dtype=dtype)
-    opt = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
+    opt, _ = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     trunk, head = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
     teacher = EmaTeacher(engine.module, trunk, head, dtype)

@@ -12,6 +12,7 @@ def test_bench_objectives_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_tool("bench_objectives.py", "--objectives", "clip,maskclip", "--steps", "1",
                     "--warmup", "1", "--batch", "4", "--vocab", "512", "--json", str(out),
+                    "--deepspeed_config", "ds_configs/zero3_cpu.json",
                     timeout=600)
     results = {r["objective"]: r for r in json.loads(out.read_text())}
     assert set(results) == {"clip", "maskclip"}
@@ -24,5 +25,6 @@ def test_bench_objectives_prints_ratios(tmp_path):
 
 def test_bench_objectives_unknown_preset_exits_2():
     proc = run_tool("bench_objectives.py", "--objectives", "nosuch,clip", "--steps", "1",
-                    "--warmup", "0", "--batch", "2", "--vocab", "512", check=False, timeout=600)
+                    "--warmup", "0", "--batch", "2", "--vocab", "512", "--deepspeed_config",
+                    "ds_configs/zero3_cpu.json", check=False, timeout=600)
     assert proc.returncode == 2 and "nosuch" in proc.stderr

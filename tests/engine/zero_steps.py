@@ -31,7 +31,7 @@ def main(ds_path: str, out: str, steps: int) -> None:
                         zero3_config=ds if zero_stage(ds) == 3 else None, dtype=dtype)
     partition = [(int(p.ds_tensor.numel()), int(p.ds_numel)) for p in model.parameters()
                  if hasattr(p, "ds_tensor")]
-    opt = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
+    opt, _ = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     objective = Objective(cfg.objective, steps)
     losses = []
