@@ -5,6 +5,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every process a test starts (the deepspeed launcher's ranks, sbatch jobs, tools) checks that
+# each torch.distributed collective gets tensors on the rank's device, as NCCL requires.
+os.environ["MEGACLIP_CHECK_COLLECTIVES"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,28 @@ def test_compare_runs_cli(tmp_path):
     assert summary["clip"]["n"] == 3 and summary["mask"]["zeroshot_top1"] == [0.5, 0.0]
     bad = run_tool("compare_runs.py", "clip", check=False)
     assert bad.returncode == 2 and "NAME=RUN_DIR" in bad.stderr
+
+
+def _rows(losses, teacher=(1e-4,)):
+    return [{"step": 5 * (i + 1), "loss": v, "clip": v, "samples_per_s": 100.0,
+             "tflops_per_device": 50.0, "peak_mem_gib": 3.0, "data_time_s": 0.01,
+             **({"teacher_update_rms": teacher[min(i, len(teacher) - 1)]} if teacher else {})}
+            for i, v in enumerate(losses)]
+
+
+def test_judge_training_passes_a_falling_finite_run_and_reports_the_last_interval():
+    from megaclip.reports import judge_training
+    problems, fig = judge_training(_rows([4.0, 3.5, 3.0]), needs_teacher=True)
+    assert problems == [] and fig["samples_per_s"] == 100.0
+    assert fig["loss_first"] == 4.0 and fig["loss_last"] == 3.0
+
+
+def test_judge_training_names_each_failure():
+    from megaclip.reports import judge_training
+    nan = judge_training(_rows([4.0, float("nan"), 3.0]), needs_teacher=False)[0]
+    assert nan == ["step 10: loss, clip not finite"]
+    flat = judge_training(_rows([4.0, 4.1]), needs_teacher=False)[0]
+    assert flat and "loss did not fall" in flat[0]
+    frozen = judge_training(_rows([4.0, 3.0], teacher=(1e-4, 0.0)), needs_teacher=True)[0]
+    assert frozen == ["the EMA teacher did not move (teacher_update_rms is 0 or missing)"]
+    assert "need at least 2" in judge_training(_rows([4.0]), needs_teacher=False)[0][0]

@@ -41,6 +41,13 @@ def memory_figures(device: torch.device) -> dict[str, float]:
     return out
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``12.5m`` or ``3.2h``."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f}m" if seconds < 90 * 60 else f"{seconds / 3600:.1f}h"
+
+
 class MetricLogger:
     """Rank 0 writes TensorBoard scalars, one JSON line and one console line per log interval."""
 
@@ -70,8 +77,7 @@ class MetricLogger:
         parts = [f"step {step}/{self.total}"]
         for k, v in values.items():
             parts.append(f"{k} {v:.4g}")
-        eta_min = values.get("step_time_s", 0.0) * (self.total - step) / 60
-        parts.append(f"eta {eta_min:.1f}m")
+        parts.append("eta " + duration(values.get("step_time_s", 0.0) * (self.total - step)))
         print(" | ".join(parts), flush=True)
 
     def text(self, msg: str) -> None:

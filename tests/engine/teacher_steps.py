@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megaclip import checkpoint
 from megaclip.config import load_config
 from megaclip.data.masks import Masking, batch_masks
-from megaclip.distributed import world
+from megaclip.distributed import rank_device, setup_device, world
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
@@ -122,7 +122,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
                                eot, np.arange(4, VOCAB))}
         n = GLOBAL_BATCH // ws
         local = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
-        terms = train_step(engine, objective, to_device(local, torch.device("cpu"), dtype),
+        terms = train_step(engine, objective, to_device(local, rank_device(), dtype),
                            teacher, step)
         losses.append({k: float(v) for k, v in terms.items()})
         with CollectiveCounter() as counter:
@@ -173,6 +173,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
 
 
 def main(out_dir: str, steps: int, stages: list[int]) -> None:
+    setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
     deepspeed.init_distributed()
     for stage in stages:
         run_stage(stage, out_dir, steps)

@@ -31,7 +31,18 @@ def train(out, synthetic, *extra, port):
 @pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
     a, b = tmp_path / "a", tmp_path / "b"
-    log_a = train(a, synthetic, port=29611)
+    log_a = train(a, synthetic, "train.peak_tflops=2.0", port=29611)
+    # Honest throughput: data wait, MFU against the given peak, an ETA from the first line on.
+    first = next(line for line in log_a.splitlines() if line.startswith("step 1/6 "))
+    assert "| data_time_s " in first and "| mfu " in first and not first.endswith("eta 0s")
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for r in train_rows:
+        assert r["train/step_time_s"] > r["train/data_time_s"] >= 0
+        assert abs(r["train/mfu"] - r["train/tflops_per_device"] / 2.0) < 1e-9
+        assert r["train/teacher_update_rms"] > 0
+    assert any("eval/zeroshot_top1" in r for r in rows)
     log_b1 = train(b, synthetic, "--stop_after_steps", "3", port=29612)
     assert "stopping after step 3" in log_b1 and "final zero-shot" not in log_b1
     log_b2 = train(b, synthetic, "--resume", "auto", port=29613)

@@ -29,6 +29,7 @@ def test_world_size_2_matches_world_size_1_and_partitions_in_halves(tmp_path):
     one = launch("zero3_cpu.json", 1, tmp_path / "ws1.json")
     two = launch("zero3_cpu.json", 2, tmp_path / "ws2.json")
     assert one["losses"][-1] < one["losses"][0]  # it trains
+    assert one["collectives_checked"] and two["collectives_checked"]  # on every rank's device
     for a, b in zip(one["losses"], two["losses"]):
         assert math.isclose(a, b, rel_tol=1e-4), (one["losses"], two["losses"])
     # Every parameter is partitioned (persistence threshold 0): each rank holds ceil(n / 2).
@@ -45,3 +46,4 @@ def test_world_size_2_matches_world_size_1_and_partitions_in_halves(tmp_path):
 def test_bf16_configs_train(tmp_path, ds_config):
     report = launch(ds_config, 2, tmp_path / "r.json", steps=4)
     assert report["finite"] and report["losses"][-1] < report["losses"][0]
+    assert report["collectives_checked"]

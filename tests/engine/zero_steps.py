@@ -9,7 +9,7 @@ import deepspeed
 import torch
 
 from megaclip.config import load_config
-from megaclip.distributed import all_reduce_sum, world
+from megaclip.distributed import all_reduce_sum, rank_device, setup_device, world
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
@@ -18,7 +18,18 @@ from megaclip.models import build_model, resolve_model_config
 GLOBAL_BATCH, VOCAB = 8, 128
 
 
+def collectives_checked() -> bool:
+    """Whether every torch.distributed collective of this process checks its tensors' device:
+    a tensor off the rank's device must be refused before it reaches the backend."""
+    try:
+        torch.distributed.all_reduce(torch.ones(1, device="meta"))
+    except RuntimeError as e:
+        return "this rank's device is" in str(e)
+    return False
+
+
 def main(ds_path: str, out: str, steps: int) -> None:
+    setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
     deepspeed.init_distributed()
     rank, ws = world()
     cfg = load_config("clip_tiny_synthetic", [f"train.micro_batch_size={GLOBAL_BATCH // ws}",
@@ -43,11 +54,12 @@ def main(ds_path: str, out: str, steps: int) -> None:
                  "eot": torch.randint(1, ctx, (GLOBAL_BATCH,), generator=g)}
         n = GLOBAL_BATCH // ws
         local = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
-        terms = train_step(engine, objective, to_device(local, torch.device("cpu"), dtype))
+        terms = train_step(engine, objective, to_device(local, rank_device(), dtype))
         losses.append(all_reduce_sum(terms["loss"].float().clone()).item() / ws)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"losses": losses, "partition": partition, "world_size": ws,
+                       "collectives_checked": collectives_checked(),
                        "finite": all(math.isfinite(x) for x in losses)}, f)
 
 
