@@ -69,11 +69,22 @@ def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None,
         if cfg is not None:
             save_resolved(cfg, os.path.join(root, tag, CONFIG_FILE))
         with open(os.path.join(root, tag, MARKER), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, "optimizer": client_state.get("optimizer")}, f)
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
     return os.path.join(root, tag)
+
+
+def check_optimizer(root: str, tag: str, kind: str) -> None:
+    """Refuse to load optimiser state written by another optimiser class (their states differ:
+    DeepSpeed's FusedAdam keeps no per-parameter step, torch's AdamW needs one)."""
+    with open(os.path.join(root, tag, MARKER)) as f:
+        saved = json.load(f).get("optimizer")
+    if saved and saved != kind:
+        raise UserError(f"checkpoint {os.path.join(root, tag)} holds the state of {saved}, but "
+                        f"this run built {kind}: set optim.impl to the optimiser it was trained "
+                        f"with (and make it load on this machine) to resume")
 
 
 def load(engine, root: str, tag: str) -> dict:

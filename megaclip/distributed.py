@@ -33,12 +33,12 @@ def rank_device() -> torch.device:
     return _DEVICE
 
 
-def setup_device(accelerator=None) -> torch.device:
+def setup_device(accelerator=None, slurm_task: bool = False) -> torch.device:
     """Choose and select this rank's device; call it before any model, tensor or data worker
     exists. With GPUs it is ``cuda:LOCAL_RANK`` (LOCAL_RANK from the deepspeed launcher, torchrun
-    or, through ``cluster.setup_from_slurm``, srun). A task that sees a single GPU (srun
-    ``--gpus-per-task=1``) uses it whatever its local rank, and LOCAL_RANK becomes 0 so that
-    DeepSpeed, which reads LOCAL_RANK, places its partitions there too."""
+    or, through ``cluster.setup_from_slurm``, srun). An srun task (``slurm_task``) that sees a
+    single GPU (``--gpus-per-task=1``) uses it whatever its local rank, and LOCAL_RANK becomes 0
+    so that DeepSpeed, which reads LOCAL_RANK, places its partitions there too."""
     global _DEVICE
     if accelerator is None:
         from deepspeed.accelerator import get_accelerator
@@ -47,7 +47,7 @@ def setup_device(accelerator=None) -> torch.device:
         _DEVICE = torch.device("cpu")
     else:
         local, visible = int(os.environ.get("LOCAL_RANK", "0")), accelerator.device_count()
-        if visible == 1 and local > 0:
+        if slurm_task and visible == 1 and local > 0:
             local = 0
             os.environ["LOCAL_RANK"] = "0"
         elif local >= visible:

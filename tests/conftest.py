@@ -21,6 +21,14 @@ def synthetic(tmp_path_factory):
     return out
 
 
+def free_port() -> int:
+    """A TCP port free right now, for a launcher's rendezvous (no clash with other runs)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_tool(name, *args, check=True, **kw):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
                           capture_output=True, text=True, cwd=ROOT, **kw)

@@ -42,13 +42,17 @@ def test_local_rank_3_gets_cuda_3_and_selects_it(monkeypatch):
     assert acc.selected == [3] and distributed.rank_device() == torch.device("cuda:3")
 
 
-def test_one_visible_gpu_per_task_is_used_whatever_the_local_rank(monkeypatch):
+def test_an_srun_task_that_sees_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "5")  # srun --gpus-per-task=1: each task sees its own GPU
     acc = FakeCuda(count=1)
-    assert setup_device(acc) == torch.device("cuda", 0)
+    assert setup_device(acc, slurm_task=True) == torch.device("cuda", 0)
     assert acc.selected == [0]
     import os
     assert os.environ["LOCAL_RANK"] == "0"  # what DeepSpeed's zero.Init and engine read
+    # Under another launcher two ranks would share the GPU: an error, not a silent remap.
+    with pytest.raises(UserError, match="LOCAL_RANK is 1 but this task sees 1 cuda"):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        setup_device(FakeCuda(count=1))
 
 
 def test_more_tasks_than_gpus_is_a_user_error(monkeypatch):

@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"))
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "gpu_check"),
                    help="synthetic set and run outputs (reused when present)")
+    p.add_argument("--run-timeout", type=int, default=240, help="seconds allowed per run")
     p.add_argument("--json", default=None, help="also write every run's figures here")
     p.add_argument("--cpu", action="store_true",
                    help="run on the CPU anyway (with --preset tiny and --deepspeed_config "
@@ -52,7 +53,7 @@ def tool(*args: str) -> None:
 
 
 def synthetic_set(workdir: str, image_size: int) -> str:
-    data = os.path.join(workdir, "data")
+    data = os.path.join(workdir, f"data{image_size}")
     if not os.path.isfile(os.path.join(data, "spm.model")):
         tool("tools/make_synthetic.py", "--out", data, "--train-samples", "4000",
              "--shard-size", "500", "--eval-per-class", "4", "--image-size", str(image_size))
@@ -73,17 +74,36 @@ def train(args, objective: str, checkpointing: bool, data: str, out: str) -> tup
            "train.ckpt_every=0", "train.keep_checkpoints=1", "optim.warmup_steps=5",
            f"train.output_dir={out}"]
     env = dict(os.environ, MEGACLIP_CHECK_COLLECTIVES="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=args.run_timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+        return 124, f"{out or ''}\nstopped after {args.run_timeout} s (--run-timeout)"
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def gpu_listed() -> bool:
+    """Whether the driver lists a GPU (then torch not seeing it is a broken install)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and "GPU" in proc.stdout
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     if not torch.cuda.is_available() and not args.cpu:
+        if gpu_listed():
+            raise UserError("nvidia-smi lists a GPU but torch does not see it (torch "
+                            f"{torch.__version__}, CUDA {torch.version.cuda}): a CPU-only torch, "
+                            "or a driver older than torch's CUDA")
         print("gpu_check: no GPU visible (torch.cuda.is_available() is False): nothing to check "
               "here. Run it on a machine with a CUDA GPU.", flush=True)
         return 0
+    from megaclip.config import load_config
     from megaclip.engine.metrics import peak_tflops
     from megaclip.models.registry import PRESETS
     from megaclip.reports import judge_training, read_metrics
@@ -111,7 +131,12 @@ def main(argv=None) -> int:
                 print(f"FAIL {label}: exit {code}\n{log[-4000:]}", flush=True)
                 failed = True
                 continue
-            problems, fig = judge_training(read_metrics(out), objective != "clip")
+            uses_teacher = load_config(None, [f"objective.preset={objective}"]).objective.uses_teacher
+            problems, fig = judge_training(read_metrics(out), uses_teacher)
+            if not fig:
+                print(f"FAIL {label}: {'; '.join(problems)}", flush=True)
+                failed = True
+                continue
             optimiser = next((ln for ln in log.splitlines() if ln.startswith("optimiser: ")), "")
             fig.update(objective=objective, checkpointing=ckpt, wall_s=time.time() - start,
                        optimiser=optimiser.removeprefix("optimiser: ").split(";")[0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from typing import Optional
@@ -12,7 +13,8 @@ import torch
 # against torch.cuda.get_device_name(); train.peak_tflops overrides it for any other device.
 PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("GH200", 989.4),
                     ("H200", 989.4), ("H100", 989.4), ("H800", 989.4), ("B200", 2250.0),
-                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0))
+                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+                    ("L4", 121.0))
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, override: float = 0.0) -> Optional[float]:
@@ -59,6 +61,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir)
         if enabled and jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
             self.jsonl = open(jsonl_path, "a")
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:

@@ -66,7 +66,7 @@ class Trainer:
         from_slurm = cluster.setup_from_slurm()  # an srun task: env:// from Slurm's variables
         default_env()
         # cuda:LOCAL_RANK, selected before any model, tensor, process group or data worker.
-        self.device = setup_device()
+        self.device = setup_device(slurm_task=from_slurm)
         check_precision(ds_config, self.device, ds_source)
         # Before the data workers fork, so they inherit the handler instead of dying of it.
         self.stop_signal = cluster.StopSignal(tuple(cfg.train.stop_signals))
@@ -86,6 +86,7 @@ class Trainer:
                             self.ds_config if stage == 3 else None, self.dtype)
         optimizer, optimizer_name = build_optimizer(
             cfg.optim, param_groups(model, cfg.optim.weight_decay), self.device.type)
+        self.optimizer_kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
         self.objective = Objective(cfg.objective, cfg.train.steps).to(self.device)
@@ -103,6 +104,7 @@ class Trainer:
         data_state = None
         tag = self._find_resume(resume)
         if tag is not None:
+            checkpoint.check_optimizer(self.ckpt_root, tag, self.optimizer_kind)
             client = checkpoint.load(self.engine, self.ckpt_root, tag)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
             self.objective.load_state_dict(client.get("objective", {}))
@@ -179,9 +181,9 @@ class Trainer:
         last = cfg.train.steps if not self.stop_after else min(cfg.train.steps,
                                                                 first_step + self.stop_after)
         sums: dict[str, torch.Tensor] = {}
-        # Per log interval: wall time, time spent waiting for batches, and time spent on
-        # evaluation and checkpoints (excluded from the step time).
-        t_log, data_time, other_time = time.perf_counter(), 0.0, 0.0
+        # Per log interval: its first step, wall time, time spent waiting for batches, and time
+        # spent on evaluation and checkpoints (excluded from the step time).
+        log_from, t_log, data_time, other_time = self.step, time.perf_counter(), 0.0, 0.0
         while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
@@ -198,26 +200,31 @@ class Trainer:
                                    self.step)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum_steps
-            log_now = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == cfg.train.steps
+            log_now = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == last
             last_values = {}
             if self.teacher is not None:  # after the optimiser step: the masters are current
                 m = momentum_at(self.step, cfg.train.steps, cfg.objective.teacher.momentum,
                                 cfg.objective.teacher.momentum_end)
-                last_values["teacher_momentum"] = torch.tensor(m, device=self.device)
                 last_values["teacher_update_rms"] = self.teacher.update(m, measure=log_now)
+                if log_now:
+                    last_values["teacher_momentum"] = torch.tensor(m, device=self.device)
             self.step += 1
             self.samples_seen += self.global_batch
             if log_now:
-                n_steps = self.step - max(first_step, self.step - cfg.train.log_every)
-                seconds = time.perf_counter() - t_log - other_time
-                self._log(sums, last_values, n_steps, seconds, data_time, lr)
-                sums, t_log, data_time, other_time = {}, time.perf_counter(), 0.0, 0.0
-            t0 = time.perf_counter()
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set:
-                results = self.evaluate()
-            if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
-                self.save()
-            other_time += time.perf_counter() - t0
+                self._log(sums, last_values, self.step - log_from, t_log + other_time,
+                          data_time, lr)
+                sums, log_from, data_time, other_time = {}, self.step, 0.0, 0.0
+                t_log = time.perf_counter()
+            do_eval = cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set
+            do_save = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
+            if do_eval or do_save:
+                self._synchronize()  # the step's GPU work belongs to the step, not to these
+                t0 = time.perf_counter()
+                if do_eval:
+                    results = self.evaluate()
+                if do_save:
+                    self.save()
+                other_time += time.perf_counter() - t0
             if self.step < cfg.train.steps and self._stop_requested():
                 return self._stop_for_signal()
         if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
@@ -252,10 +259,15 @@ class Trainer:
         self.log.close()
         return {}
 
-    def _log(self, sums: dict, last: dict, n_steps: int, seconds: float, data_time: float,
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _log(self, sums: dict, last: dict, n_steps: int, t_start: float, data_time: float,
              lr: float) -> None:
         """One all-reduce: loss terms and statistics averaged over ranks, skipped-sample counts
-        summed. ``seconds`` excludes evaluation and checkpoint writing."""
+        summed. The interval's time runs from ``t_start`` (evaluation and checkpoint writing
+        already left out) to now, once the reduce has waited for the device."""
         means = {k: v / max(1, n_steps) for k, v in sums.items()}
         means.update({k: v for k, v in last.items() if v is not None})
         bad = self.stream.bad_total()
@@ -263,7 +275,7 @@ class Trainer:
         packed = pack_for_reduce(means, [float(bad.get(k, 0)) for k in BAD_KINDS], self.device)
         values, counts = unpack_reduced(all_reduce_sum(packed).tolist(), sorted(means),
                                         self.world_size)
-        step_time = seconds / max(1, n_steps)
+        step_time = (time.perf_counter() - t_start) / max(1, n_steps)
         per_device = self.global_batch / step_time / self.world_size
         tflops = per_device * self.flops_per_sample / 1e12
         values.update({"lr": lr, "samples_per_s": per_device * self.world_size,
@@ -290,7 +302,7 @@ class Trainer:
     def save(self) -> str:
         client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
                   "rng": checkpoint.rng_state(), "data": self.stream.state_dict(),
-                  "world_size": self.world_size,
+                  "world_size": self.world_size, "optimizer": self.optimizer_kind,
                   "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
                                self.cfg.train.keep_checkpoints, self.cfg, self.teacher)

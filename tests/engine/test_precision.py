@@ -18,10 +18,18 @@ from tests.conftest import ROOT, run_tool, synthetic_overrides
 
 @pytest.fixture(scope="module")
 def process_group():
+    """A one-rank gloo group for zero.Init, torn down with the environment it needed, so that
+    later tests (and the processes they start) inherit neither."""
     import deepspeed
+    import torch.distributed as dist
     from megaclip.distributed import default_env
-    default_env()
-    deepspeed.init_distributed(dist_backend="gloo")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(key, raising=False)
+        default_env()
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        dist.destroy_process_group()
 
 
 # The CPUs seen: oneDNN with fp16 and bf16, and an AMD EPYC with neither (DeepSpeed's CPU

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from megaclip.checkpoint import consolidate, consolidate_teacher
-from tests.conftest import ROOT, run_tool, synthetic_overrides
+from tests.conftest import ROOT, free_port, run_tool, synthetic_overrides
 
 
-def train(out, synthetic, *extra, port):
+def train(out, synthetic, *extra):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "megaclip/train.py",
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "megaclip/train.py",
            "--deepspeed_config", "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
            *synthetic_overrides(synthetic, out), "train.steps=6", "train.ckpt_every=3",
            "train.micro_batch_size=8", "train.log_every=1", "data.workers=2",
@@ -31,7 +31,7 @@ def train(out, synthetic, *extra, port):
 @pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
     a, b = tmp_path / "a", tmp_path / "b"
-    log_a = train(a, synthetic, "train.peak_tflops=2.0", port=29611)
+    log_a = train(a, synthetic, "train.peak_tflops=2.0")
     # Honest throughput: data wait, MFU against the given peak, an ETA from the first line on.
     first = next(line for line in log_a.splitlines() if line.startswith("step 1/6 "))
     assert "| data_time_s " in first and "| mfu " in first and not first.endswith("eta 0s")
@@ -43,9 +43,9 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
         assert abs(r["train/mfu"] - r["train/tflops_per_device"] / 2.0) < 1e-9
         assert r["train/teacher_update_rms"] > 0
     assert any("eval/zeroshot_top1" in r for r in rows)
-    log_b1 = train(b, synthetic, "--stop_after_steps", "3", port=29612)
+    log_b1 = train(b, synthetic, "--stop_after_steps", "3")
     assert "stopping after step 3" in log_b1 and "final zero-shot" not in log_b1
-    log_b2 = train(b, synthetic, "--resume", "auto", port=29613)
+    log_b2 = train(b, synthetic, "--resume", "auto")
     assert "resumed from step00000003 at step 3" in log_b2
 
     # The logged losses of steps 4-6 and the final parameters are the same.

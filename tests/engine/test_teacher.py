@@ -11,6 +11,7 @@ import torch
 
 from megaclip.checkpoint import shard_of, unshard
 from megaclip.engine.teacher import momentum_at
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "engine", "teacher_steps.py")
@@ -23,7 +24,7 @@ def reports(tmp_path_factory):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port",
-                           str(29700 + os.getpid() % 100), SCRIPT, str(out), "3",
+                           str(free_port()), SCRIPT, str(out), "3",
                            ",".join(map(str, STAGES))],
                           capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "engine", "zero_steps.py")
 
@@ -15,7 +17,7 @@ SCRIPT = os.path.join(ROOT, "tests", "engine", "zero_steps.py")
 def launch(ds_config, n_procs, out, steps=5):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     proc = subprocess.run([deepspeed, "--num_gpus", str(n_procs), "--master_port",
-                           str(29500 + os.getpid() % 1000 + n_procs), SCRIPT,
+                           str(free_port()), SCRIPT,
                            os.path.join(ROOT, "ds_configs", ds_config), str(out), str(steps)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env=dict(os.environ, PYTHONPATH=ROOT))
