@@ -23,13 +23,16 @@ def process_group():
     import deepspeed
     import torch.distributed as dist
     from megaclip.distributed import default_env
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            mp.delenv(key, raising=False)
-        default_env()
+    saved = dict(os.environ)
+    default_env()
+    try:
         deepspeed.init_distributed(dist_backend="gloo")
         yield
-        dist.destroy_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # The CPUs seen: oneDNN with fp16 and bf16, and an AMD EPYC with neither (DeepSpeed's CPU
