@@ -138,7 +138,7 @@ OBJECTIVE_PRESETS: dict[str, dict] = {
 class DataConfig:
     train_shards: str = ""
     resampled: bool = True
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples per shuffled block (memory: about one block per worker)
     workers: int = 4
     tokenizer: str = ""
     crop_scale: tuple = (0.5, 1.0)
@@ -149,6 +149,14 @@ class DataConfig:
     image_keys: tuple = ("jpg", "jpeg", "png", "webp")
     seed: int = 0
     log_bad_samples: int = 10  # how many skipped samples each worker describes in the log
+    image_formats: tuple = ("JPEG", "PNG", "WEBP")  # PIL formats tried; nothing else is decoded
+    max_member_bytes: int = 256 * 2**20  # a tar member above this is not read; its sample skipped
+    max_caption_bytes: int = 2**20  # a caption above this is skipped before tokenising
+    # Shards that fail while read are skipped; more than this fraction of those a worker read
+    # (one is always tolerated unless it is 0) is an error naming them.
+    max_bad_shard_fraction: float = 0.01
+    max_bad_samples_in_a_row: int = 2000  # then an error naming what the samples hold; 0: off
+    loader_timeout_s: float = 1800.0  # no batch for this long: an error naming each worker's shard
 
 
 @dataclass
@@ -379,6 +387,16 @@ def validate(cfg: Config) -> None:
     check(cfg.train.ckpt_every >= 0, "train.ckpt_every must be >= 0 (0: no periodic checkpoints)")
     check(cfg.data.workers >= 0, "data.workers must be >= 0")
     check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+    check(0 <= cfg.data.max_bad_shard_fraction <= 1, "data.max_bad_shard_fraction must be in [0, 1]")
+    check(cfg.data.max_bad_samples_in_a_row >= 0, "data.max_bad_samples_in_a_row must be >= 0")
+    check(cfg.data.loader_timeout_s > 0, "data.loader_timeout_s must be > 0")
+    check(cfg.data.max_member_bytes > 0 and cfg.data.max_caption_bytes > 0,
+          "data.max_member_bytes and data.max_caption_bytes must be > 0")
+    from PIL import Image
+    Image.init()
+    unknown = [f for f in cfg.data.image_formats if f.upper() not in Image.OPEN]
+    check(cfg.data.image_formats and not unknown,
+          f"data.image_formats: unknown PIL format(s) {unknown}; known: {sorted(Image.OPEN)}")
     check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     check(cfg.eval.batch_size > 0, "eval.batch_size must be positive")
 

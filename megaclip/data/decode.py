@@ -9,6 +9,8 @@ from typing import Optional
 
 from PIL import Image
 
+from megaclip.errors import UserError
+
 log = logging.getLogger("megaclip.data")
 
 # Our own pixel limit is checked from the header before any pixel is decoded; PIL's global one
@@ -16,7 +18,8 @@ log = logging.getLogger("megaclip.data")
 Image.MAX_IMAGE_PIXELS = None
 
 BAD_KINDS = ("missing_image", "missing_caption", "caption_not_utf8", "image_too_large",
-             "undecodable_image")
+             "undecodable_image", "caption_too_long", "member_too_large")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL format names; EPS and the like never reach PIL
 
 
 class BadSample(Exception):
@@ -25,10 +28,19 @@ class BadSample(Exception):
         self.kind = kind
 
 
-def decode_caption(sample: dict, key: str) -> str:
+def _oversize(sample: dict, keys: tuple) -> None:
+    over = [k for k in sample.get("__oversize__", ()) if k in keys]
+    if over:
+        raise BadSample("member_too_large", f"'.{over[0]}' is over data.max_member_bytes")
+
+
+def decode_caption(sample: dict, key: str, max_bytes: int = 1 << 62) -> str:
+    _oversize(sample, (key,))
     raw = sample.get(key)
     if raw is None:
         raise BadSample("missing_caption", f"no '.{key}' member")
+    if len(raw) > max_bytes:
+        raise BadSample("caption_too_long", f"{len(raw)} bytes > data.max_caption_bytes")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
     except UnicodeDecodeError as e:
@@ -39,14 +51,18 @@ def decode_caption(sample: dict, key: str) -> str:
     return text
 
 
-def decode_image(sample: dict, keys: tuple, max_pixels: int) -> Image.Image:
-    raw: Optional[bytes] = next((sample[k] for k in keys if k in sample), None)
-    if raw is None:
+def decode_image(sample: dict, keys: tuple, max_pixels: int,
+                 formats: tuple = IMAGE_FORMATS) -> Image.Image:
+    """The first of ``keys`` the sample has, decoded as RGB if it is in one of ``formats``."""
+    key = next((k for k in keys if k in sample or k in sample.get("__oversize__", ())), None)
+    if key is None:
         raise BadSample("missing_image", f"none of .{', .'.join(keys)}")
+    _oversize(sample, (key,))
+    raw: bytes = sample[key]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=[f.upper() for f in formats])
             w, h = img.size  # header only
             if w * h > max_pixels:
                 raise BadSample("image_too_large", f"{w}x{h} > {max_pixels} pixels")
@@ -59,15 +75,33 @@ def decode_image(sample: dict, keys: tuple, max_pixels: int) -> Image.Image:
 
 
 class BadSampleLog:
-    """Counts skipped samples by kind; describes the first few of them in the log."""
+    """Counts skipped samples by kind and describes the first few in the log. ``max_in_a_row``
+    unusable samples in a row (a wrong ``data.caption_key`` makes every sample unusable) is an
+    error naming the members the samples do have."""
 
-    def __init__(self, describe_first: int):
-        self.counts: Counter = Counter()
-        self.describe_first = describe_first
+    def __init__(self, describe_first: int, max_in_a_row: int = 0,
+                 counts: Optional[dict] = None, in_a_row: int = 0):
+        self.counts: Counter = Counter(counts or {})
+        self.describe_first, self.max_in_a_row = describe_first, max_in_a_row
+        self.in_a_row = in_a_row
+        self.members: Counter = Counter()  # member extensions of the current run of bad samples
+
+    def good(self) -> None:
+        self.in_a_row = 0
+        self.members.clear()
 
     def add(self, err: BadSample, sample: dict) -> None:
         self.counts[err.kind] += 1
+        self.in_a_row += 1
+        self.members.update(k for k in sample if not k.startswith("__"))
         total = sum(self.counts.values())
         if total <= self.describe_first:
             log.warning("skipping sample %s from %s: %s", sample.get("__key__"),
                         sample.get("__url__"), err)
+        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            detail = str(err).split(": ", 1)[1] if ": " in str(err) else str(err)
+            have = ", ".join(k for k, _ in self.members.most_common()) or "no members"
+            raise UserError(
+                f"{self.in_a_row} samples in a row could not be used (data.max_bad_samples_in_a_"
+                f"row); the last ({sample.get('__key__')} in {sample.get('__url__')}): {detail}; "
+                f"samples have: {have}. Check data.caption_key and data.image_keys")

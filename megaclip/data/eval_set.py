@@ -7,7 +7,7 @@ import os
 import torch
 
 from megaclip.data.decode import BadSample, decode_caption, decode_image
-from megaclip.data.shards import expand_shards, iter_shard
+from megaclip.data.shards import iter_shard, shard_list
 from megaclip.data.views import eval_transform
 from megaclip.errors import UserError
 
@@ -25,7 +25,7 @@ class EvalSet:
             raise UserError(f"{classes_file} needs non-empty 'classnames' and 'templates'")
         self.classnames: list[str] = list(meta["classnames"])
         self.templates: list[str] = list(meta["templates"])
-        self.samples = [s for url in expand_shards(shards) for s in iter_shard(url)]
+        self.samples = [s for url in shard_list(shards) for s in iter_shard(url)]
         if not self.samples:
             raise UserError(f"eval shards '{shards}' hold no samples")
         self.image_keys, self.caption_key = tuple(image_keys), caption_key

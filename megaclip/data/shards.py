@@ -1,22 +1,42 @@
-"""Shard lists: brace patterns, existence checks, and reading a shard into raw samples."""
+"""Shard lists, and reading one shard into raw samples with every way a shard can be bad named.
+
+A shard is read strictly: a tar that ends without its end-of-archive blocks, inside a header or
+inside a member, a corrupt header, two members with the same name, a missing file or a ``pipe:``
+command that exits non-zero (at any point of its output) raise ``BadShard`` naming the shard and
+the reason. The samples read before the failure have already been handed out; the caller decides
+whether to go on with the next shard.
+"""
 from __future__ import annotations
 
 import os
+import tarfile
 from typing import Iterator
 
 import braceexpand
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.gopen import Pipe, gopen
+from webdataset.tariterators import base_plus_ext
 
 from megaclip.errors import UserError
 
 
 class ShardError(UserError):
-    """A shard that cannot be opened or read; the message names it."""
+    """A shard list that cannot be used (no file matches, files missing at start...)."""
+
+
+class BadShard(Exception):
+    """One shard failed while being read; ``url`` and ``reason`` say which and why."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason = url, reason
 
 
 def is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -26,29 +46,140 @@ def expand_shards(pattern: str) -> list[str]:
     urls: list[str] = []
     for part in pattern.split("::"):
         urls.extend(braceexpand.braceexpand(part))
-    local = [u[len("file://"):] if u.startswith("file://") else u for u in urls if is_local(u)]
-    missing = [u for u in local if not os.path.isfile(u)]
-    if local and len(missing) == len(urls):
-        raise UserError(f"shard pattern '{pattern}' matches no file (first: {missing[0]})")
+    missing = [_local_path(u) for u in urls if is_local(u) and not os.path.isfile(_local_path(u))]
+    if missing and len(missing) == len(urls):
+        raise ShardError(f"shard pattern '{pattern}' matches no file (first: {missing[0]})")
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UserError(f"{len(missing)} of {len(urls)} shards of '{pattern}' do not exist: {shown}")
+        raise ShardError(f"{len(missing)} of {len(urls)} shards of '{pattern}' do not exist: "
+                         f"{shown}")
     return urls
 
 
-def _raise(exn: Exception) -> bool:
-    raise exn
+def shard_list(pattern: str) -> list[str]:
+    """``expand_shards`` run by rank 0 alone and shared with every rank, so a job of thousands of
+    ranks asks the file system about each shard once, not once per rank."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return expand_shards(pattern)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", expand_shards(pattern))
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ShardError(value)
+    return value
+
+
+class _StrictHeader(tarfile.TarInfo):
+    """tarfile takes a header cut short, a missing end-of-archive or a corrupt header after the
+    first member for the end of the archive; for a shard they mean it is damaged."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the zero block that ends an archive
+            raise
+        except tarfile.EmptyHeaderError:
+            raise tarfile.ReadError(f"no end-of-archive marker (cut at byte {tar.offset})") from None
+        except tarfile.TruncatedHeaderError:
+            raise tarfile.ReadError(f"truncated inside a header at byte {tar.offset}") from None
+        except tarfile.InvalidHeaderError as e:
+            raise tarfile.ReadError(f"corrupt header at byte {tar.offset}: {e}") from None
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, header) of each regular member of a sample."""
+    for info in tar:
+        if not info.isreg():
+            continue
+        key, ext = base_plus_ext(info.name)
+        if key is None or os.path.basename(info.name).startswith("__"):
+            continue
+        yield key, ext.lower(), info
+
+
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    data = tar.extractfile(info).read()
+    if len(data) != info.size:
+        raise tarfile.ReadError(f"member {info.name} cut short")
+    return data
+
+
+def read_shard(url: str, max_member_bytes: int = 1 << 62, skip: int = 0) -> Iterator[dict]:
+    """Raw samples of one shard, ``{'__key__', '__url__', ext: bytes, ...}``, undecoded; the
+    first ``skip`` samples are passed over. A member over ``max_member_bytes`` is not read; its
+    sample lists it under ``'__oversize__'``. Raises ``BadShard`` on any failure."""
+    stream = None
+    finished = False
+    try:
+        try:
+            stream = gopen(_local_path(url))
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictHeader)
+            sample: dict = {}
+            n = 0
+            for key, ext, info in _members(tar):
+                if sample and key != sample["__key__"]:  # the previous sample is complete
+                    if n >= skip:
+                        yield sample
+                    n += 1
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                if ext in sample or ext in sample.get("__oversize__", ()):
+                    raise tarfile.ReadError(f"duplicate member {key}.{ext}")
+                if info.size > max_member_bytes:  # passed over unread: memory stays bounded
+                    sample.setdefault("__oversize__", []).append(ext)
+                else:  # samples being skipped are not copied out of the stream
+                    sample[ext] = _read(tar, info) if n >= skip else None
+            if sample and n >= skip:
+                yield sample
+            finished = True
+            _close(stream, abandon=False)
+        except BadShard:
+            raise
+        except GeneratorExit:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read a shard names the shard
+            raise BadShard(url, _reason(e)) from None
+    finally:
+        if stream is not None and not finished:
+            _close(stream, abandon=True)
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "file does not exist"
+    text = str(e.args[0]) if e.args else str(e)
+    if isinstance(e, OSError) and ": exit " in text:  # webdataset's message for a failed pipe
+        return f"command exited with status {text.rsplit(': exit ', 1)[1].split()[0]}"
+    return f"{type(e).__name__}: {text}"
+
+
+def _close(stream, abandon: bool) -> None:
+    """Close a shard's stream. A pipe's command is waited for and its exit status checked (an
+    ``OSError`` if it failed), unless the shard is being abandoned: then it is killed."""
+    if isinstance(stream, Pipe):
+        if abandon:
+            stream.proc.kill()
+            stream.stream.close()
+            stream.proc.wait()
+            stream.status = stream.proc.returncode
+            return
+        stream.close()  # waits for the command; raises on a status other than 0 or SIGPIPE
+    else:
+        stream.close()
 
 
 def iter_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard: {'__key__', '__url__', ext: bytes, ...}; undecoded."""
+    """``read_shard`` for readers that need every shard whole (evaluation sets, tokenizer
+    training): a bad shard is a ``ShardError`` naming it."""
     try:
-        stream = gopen(url[len("file://"):] if url.startswith("file://") else url)
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=_raise)
-        for sample in group_by_keys(files, handler=_raise):
-            yield sample
-    except Exception as e:  # noqa: BLE001 - any failure to read a shard names the shard
-        if isinstance(e, ShardError):
-            raise
-        raise ShardError(f"cannot read shard {url}: {type(e).__name__}: {e.args[0] if e.args else e}"
-                         ) from None
+        yield from read_shard(url)
+    except BadShard as e:
+        raise ShardError(f"cannot read shard {e.url}: {e.reason}") from None

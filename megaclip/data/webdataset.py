@@ -1,69 +1,58 @@
-"""The training stream: WebDataset shards -> shuffled raw samples -> decoded, tokenised batches.
+"""The training stream: WebDataset shards -> block-shuffled raw samples -> decoded, tokenised batches.
 
-Every (rank, worker) pair reads its own deterministic stream: its shard sequence and shuffle
-buffer are seeded by (seed, rank, worker), and the view of raw sample ``i`` is seeded by
-(seed, rank, worker, i). Each batch carries its worker's raw-sample cursor, so a checkpoint can
-record how far every worker got; on resume each worker skips that many raw samples without
-decoding them and the stream goes on exactly where it stopped.
+Every (rank, worker) pair reads its own deterministic stream (``data/sequence.py``): its shard
+sequence and block order are seeded by (seed, rank, worker), and the view of raw sample ``i`` by
+(seed, rank, worker, i). Each batch carries its worker's ``Position``, so a checkpoint records
+where every worker is; on resume each worker draws its way to the shard it was in without opening
+the ones before, re-reads at most two blocks, and goes on exactly where it stopped.
+
+Problems in the data never end a run silently or for a single shard: bad samples and bad shards
+are skipped, counted and named; too many of them, or a long run of unusable samples (a wrong
+``data.caption_key``), is an error that says what the samples hold; a stalled loader is
+reported with the shard each worker was reading.
 """
 from __future__ import annotations
 
-import itertools
-import random
+import logging
+import multiprocessing as mp
+import time
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megaclip.config import DataConfig
-from megaclip.data.decode import BadSample, BadSampleLog, decode_caption, decode_image
+from megaclip.data.decode import BAD_KINDS, BadSample, BadSampleLog, decode_caption, decode_image
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
-from megaclip.data.shards import ShardError, expand_shards, iter_shard
+from megaclip.data.sequence import (BlockShuffle, Position, SequencePoint, SequenceReader,
+                                    derive_seed, shard_sequence, status_writer)
+from megaclip.data.shards import read_shard, shard_list
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import seeded, train_transform
-from megaclip.errors import UserError
+from megaclip.errors import FatalError, UserError
 
-_SHARDS, _SHUFFLE, _MASKS = 1, 2, 3  # stream ids mixed into seeds, so the generators never coincide
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of non-negative ints."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir shuffle: fill ``size`` samples, then emit a random one for each new arrival."""
-    if size <= 1:
-        yield from samples
-        return
-    buf: list[dict] = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        i = rng.randrange(size)
-        buf[i], s = s, buf[i]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
+log = logging.getLogger("megaclip.data")
+_SHUFFLE, _MASKS = 2, 3  # stream ids mixed into seeds, so the generators never coincide
+STATE_FORMAT = 2
+SKIP_KINDS = BAD_KINDS + ("shards",)  # what the logs count as skipped_<kind>, summed over ranks
 
 
 class TrainStream(IterableDataset):
-    """Endless batches ``{images, tokens, eot, position: (worker, cursor), bad: {kind: n}}``,
-    plus the masks ``masking`` asks for (``image_mask``, ``mlm_tokens``/``mlm_target``/
-    ``mlm_embed``), drawn per sample from the same seed as its view."""
+    """Endless batches ``{images, tokens, eot, position: (worker, Position dict), skipped:
+    {kind: n, "shards": n}}``, plus the masks ``masking`` asks for (``image_mask``,
+    ``mlm_tokens``/``mlm_target``/``mlm_embed``), drawn per sample from the same seed as its
+    view. A problem that ends the run arrives as a batch ``{"error": message}``."""
 
     def __init__(self, cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
-                 rank: int, world_size: int, start: Optional[dict[int, int]] = None,
-                 stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None):
+                 rank: int, world_size: int, start: Optional[dict[int, dict]] = None,
+                 stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None,
+                 urls: Optional[list[str]] = None, status=None):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
         self.masking = masking
         self.ordinary_ids = (ordinary_token_ids(tokenizer)
                              if masking is not None and masking.text is not None else None)
         self.rank, self.world_size = rank, world_size
-        self.urls = expand_shards(cfg.train_shards)
+        self.urls = urls if urls is not None else shard_list(cfg.train_shards)
         workers = max(1, cfg.workers)
         if not cfg.resampled and len(self.urls) < world_size * workers:
             raise UserError(f"{len(self.urls)} shards cannot be split over {world_size} ranks x "
@@ -74,52 +63,52 @@ class TrainStream(IterableDataset):
         self.rotate = rotate
         self.seed = derive_seed(cfg.seed, stream_seed)
         self.transform = train_transform(image_size, cfg.crop_scale, cfg.mean, cfg.std)
+        self.status = status  # shared (shard, offset, time) per loader worker, or None
 
-    # -- raw samples ---------------------------------------------------------------------
-    def _shard_sequence(self, wid: int, nw: int) -> Iterator[str]:
-        if self.cfg.resampled:  # each (rank, worker) draws its own endless sequence
-            rng = random.Random(derive_seed(self.seed, self.rank, wid, _SHARDS))
-            while True:
-                yield rng.choice(self.urls)
-        # Epochs over the shard list: one order per epoch, shared by all, split by node and worker.
-        rng = random.Random(derive_seed(self.seed, _SHARDS))
-        gw, total = self.rank * nw + wid, self.world_size * nw
-        while True:
-            order = list(self.urls)
-            rng.shuffle(order)
-            yield from order[gw::total]
+    def raw_samples(self, wid: int, nw: int, slot: int) -> BlockShuffle:
+        """Worker ``wid``'s raw samples from its saved position (or the beginning)."""
+        cfg, who = self.cfg, f"rank {self.rank} worker {wid}"
+        at = Position.from_dict(self.start[wid]) if wid in self.start else Position()
 
-    def _raw_samples(self, wid: int, nw: int) -> Iterator[dict]:
-        empty_in_a_row = 0
-        for url in self._shard_sequence(wid, nw):
-            n = 0
-            for sample in iter_shard(url):
-                n += 1
-                yield sample
-            empty_in_a_row = 0 if n else empty_in_a_row + 1
-            if empty_in_a_row >= max(100, len(self.urls)):
-                raise ShardError(f"shards of '{self.cfg.train_shards}' hold no samples")
+        def open_reader(point: SequencePoint) -> SequenceReader:
+            seq = shard_sequence(len(self.urls), self.seed, self.rank, wid, nw, self.world_size,
+                                 cfg.resampled)
+            return SequenceReader(
+                self.urls, seq, point,
+                lambda url, skip: read_shard(url, cfg.max_member_bytes, skip),
+                cfg.max_bad_shard_fraction, who,
+                status_writer(self.status, slot) if self.status is not None else None)
+        return BlockShuffle(open_reader, cfg.shuffle_buffer,
+                            lambda block: derive_seed(self.seed, self.rank, wid, _SHUFFLE, block),
+                            at)
 
-    # -- decoded batches -----------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         nw = info.num_workers if info else 1
-        wid = ((info.id if info else 0) + self.rotate) % nw
-        raw = shuffle_buffer(self._raw_samples(wid, nw), self.cfg.shuffle_buffer,
-                             random.Random(derive_seed(self.seed, self.rank, wid, _SHUFFLE)))
-        cursor = self.start.get(wid, 0)
-        for _ in itertools.islice(raw, cursor):  # consumed before the checkpoint: not decoded
-            pass
-        bad = BadSampleLog(self.cfg.log_bad_samples)
+        slot = info.id if info else 0
+        wid = (slot + self.rotate) % nw
+        try:
+            yield from self._batches(wid, nw, slot)
+        except UserError as e:  # ends the run: told to the main process, which raises it
+            yield {"error": str(e)}
+
+    def _batches(self, wid: int, nw: int, slot: int) -> Iterator[dict]:
+        cfg = self.cfg
+        raw = self.raw_samples(wid, nw, slot)
+        at = raw.at
+        bad = BadSampleLog(cfg.log_bad_samples, cfg.max_bad_samples_in_a_row, at.skipped,
+                           at.bad_in_a_row)
         images, captions, seeds = [], [], []
         for sample in raw:
-            index, cursor = cursor, cursor + 1
+            index = at.cursor - 1
             try:
-                caption = decode_caption(sample, self.cfg.caption_key)
-                image = decode_image(sample, tuple(self.cfg.image_keys), self.cfg.max_image_pixels)
+                caption = decode_caption(sample, cfg.caption_key, cfg.max_caption_bytes)
+                image = decode_image(sample, tuple(cfg.image_keys), cfg.max_image_pixels,
+                                     tuple(cfg.image_formats))
             except BadSample as err:
                 bad.add(err, sample)
                 continue
+            bad.good()
             seed = derive_seed(self.seed, self.rank, wid, index)
             images.append(seeded(self.transform, image, seed))
             captions.append(caption)
@@ -127,8 +116,10 @@ class TrainStream(IterableDataset):
                 seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
+                at.skipped, at.bad_in_a_row = dict(bad.counts), bad.in_a_row
                 batch = {"images": torch.stack(images), "tokens": tokens, "eot": eot,
-                         "position": (wid, cursor), "bad": dict(bad.counts)}
+                         "position": (wid, raw.position().to_dict()),
+                         "skipped": {**bad.counts, "shards": raw.bad_shards()}}
                 if self.masking is not None:
                     batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
@@ -136,51 +127,97 @@ class TrainStream(IterableDataset):
 
 
 class StreamState:
-    """What the trainer remembers of the stream: each worker's cursor and bad-sample counts."""
+    """What the trainer remembers of the stream: each worker's position and skip counts."""
 
-    def __init__(self, workers: int, world_size: int, cursors: Optional[dict] = None,
-                 bad: Optional[dict] = None, batches: int = 0):
+    def __init__(self, workers: int, world_size: int, positions: Optional[dict] = None,
+                 skipped: Optional[dict] = None, batches: int = 0):
         self.workers, self.world_size = workers, world_size
-        self.cursors: dict[int, int] = {int(k): int(v) for k, v in (cursors or {}).items()}
-        self.bad: dict[int, dict] = {int(k): dict(v) for k, v in (bad or {}).items()}
+        self.positions: dict[int, dict] = {int(k): v for k, v in (positions or {}).items()}
+        self.skipped: dict[int, dict] = {int(k): dict(v) for k, v in (skipped or {}).items()}
         self.batches = batches
 
     def update(self, batch: dict) -> None:
         self.batches += 1
-        wid, cursor = batch["position"]
-        self.cursors[int(wid)] = int(cursor)
-        self.bad[int(wid)] = batch["bad"]
+        wid, position = batch["position"]
+        self.positions[int(wid)] = position
+        self.skipped[int(wid)] = batch["skipped"]
 
-    def bad_total(self) -> dict[str, int]:
+    def skipped_total(self) -> dict[str, int]:
+        """Skipped samples by kind and skipped shards (``"shards"``), over this rank's workers."""
         out: dict[str, int] = {}
-        for counts in self.bad.values():
+        for counts in self.skipped.values():
             for k, v in counts.items():
                 out[k] = out.get(k, 0) + int(v)
         return out
 
     def state_dict(self) -> dict:
-        return {"workers": self.workers, "world_size": self.world_size,
-                "cursors": self.cursors, "bad": self.bad, "batches": self.batches}
+        return {"format": STATE_FORMAT, "workers": self.workers, "world_size": self.world_size,
+                "positions": dict(self.positions), "skipped": dict(self.skipped),
+                "batches": self.batches}
+
+
+class TrainLoader:
+    """Iterates the DataLoader's batches, keeping ``state`` up to date; an error a worker
+    reports is raised here, and a loader that delivers nothing for ``data.loader_timeout_s`` is
+    reported with the shard each worker was reading."""
+
+    def __init__(self, loader: DataLoader, state: StreamState, urls: list[str], status):
+        self.loader, self.state, self.urls, self.status = loader, state, urls, status
+
+    def __iter__(self) -> Iterator[dict]:
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except RuntimeError as e:
+                if "timed out" not in str(e) or self.status is None:
+                    raise
+                raise FatalError(self.stall_report(self.loader.timeout)) from None
+            if "error" in batch:
+                raise UserError(batch["error"])
+            self.state.update(batch)
+            yield batch
+
+    def stall_report(self, waited: float) -> str:
+        now, lines = time.time(), []
+        for slot in range(len(self.status) // 3):
+            shard, offset, when = self.status[3 * slot: 3 * slot + 3]
+            where = (f"reading {self.urls[int(shard)]} (sample {int(offset)})" if when
+                     else "not started")
+            since = f", no progress for {now - when:.0f} s" if when else ""
+            lines.append(f"DataLoader worker {slot}: {where}{since}")
+        return (f"the data loader delivered no batch for {waited:g} s (data.loader_timeout_s); "
+                + "; ".join(lines))
 
 
 def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                        rank: int, world_size: int, state: Optional[dict] = None,
-                       restart_seed: int = 0, masking: Optional[Masking] = None
-                       ) -> tuple[DataLoader, StreamState]:
-    """The DataLoader and the state object that follows it. ``state`` is a saved
-    ``StreamState.state_dict()``; when the topology it was saved under differs, the stream
-    restarts with fresh seeds (``restart_seed``) instead of replaying samples."""
+                       restart_seed: int = 0, masking: Optional[Masking] = None,
+                       urls: Optional[list[str]] = None) -> TrainLoader:
+    """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
+    when the topology it was saved under differs, the stream restarts with fresh seeds
+    (``restart_seed``) instead of replaying samples. ``urls``: the shard list, if already
+    expanded (by ``shard_list``)."""
     workers = cfg.workers
     start, stream_seed, kept = None, 0, StreamState(max(1, workers), world_size)
     if state:
-        if state["workers"] == max(1, workers) and state["world_size"] == world_size:
-            kept = StreamState(state["workers"], world_size, state["cursors"], state["bad"],
-                               state["batches"])
-            start = kept.cursors
+        if (state.get("format") == STATE_FORMAT and state["workers"] == max(1, workers)
+                and state["world_size"] == world_size):
+            kept = StreamState(state["workers"], world_size, state["positions"],
+                               state["skipped"], state["batches"])
+            start = kept.positions
         else:
             stream_seed = restart_seed
+            log.warning("the data stream was saved by %d rank(s) x %d worker(s) (format %s); "
+                        "at %d x %d it restarts with fresh seeds instead of replaying",
+                        state.get("world_size"), state.get("workers"), state.get("format", 1),
+                        world_size, max(1, workers))
+    urls = urls if urls is not None else shard_list(cfg.train_shards)
+    status = mp.Array("d", 3 * workers, lock=False) if workers > 0 else None
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
-                     rotate=kept.batches % kept.workers, masking=masking)
+                     rotate=kept.batches % kept.workers, masking=masking, urls=urls,
+                     status=status)
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
-                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
-    return loader, kept
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                        timeout=cfg.loader_timeout_s if workers > 0 else 0)
+    return TrainLoader(loader, kept, urls, status)

@@ -12,12 +12,11 @@ import torch
 
 from megaclip import checkpoint, cluster
 from megaclip.config import Config, save_resolved, to_dict
-from megaclip.data.decode import BAD_KINDS
+from megaclip.data.webdataset import SKIP_KINDS, build_train_loader
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
-from megaclip.data.webdataset import build_train_loader
-from megaclip.data.shards import expand_shards
+from megaclip.data.shards import shard_list
 from megaclip.distributed import all_reduce_sum, default_env, setup_device, world
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
@@ -62,7 +61,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, ds_config: dict, resume: Optional[str] = None,
                  ds_source: str = "DeepSpeed config", stop_after: int = 0):
-        expand_shards(cfg.data.train_shards)  # fail fast, before any rank builds a model
         from_slurm = cluster.setup_from_slurm()  # an srun task: env:// from Slurm's variables
         default_env()
         # cuda:LOCAL_RANK, selected before any model, tensor, process group or data worker.
@@ -73,6 +71,8 @@ class Trainer:
         deepspeed.init_distributed()
         self.stop_after = stop_after
         self.rank, self.world_size = world()
+        # Checked by rank 0 alone and shared: fail fast, before any rank builds a model.
+        urls = shard_list(cfg.data.train_shards)
         self.from_slurm = from_slurm
         torch.manual_seed(cfg.train.seed)
 
@@ -112,10 +112,10 @@ class Trainer:
                 checkpoint.load_teacher(os.path.join(self.ckpt_root, tag), self.teacher)
             checkpoint.set_rng_state(client["rng"])
             data_state = client["data"]
-        self.loader, self.stream = build_train_loader(
+        self.loader = build_train_loader(
             cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
             self.rank, self.world_size, data_state, restart_seed=self.step,
-            masking=self._masking())
+            masking=self._masking(), urls=urls)
 
         self.eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
                                  cfg.data.mean, cfg.data.std, cfg.data.image_keys,
@@ -194,7 +194,6 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(it)
                 data_time += time.perf_counter() - t0
-                self.stream.update(batch)
                 terms = train_step(self.engine, self.objective,
                                    to_device(batch, self.device, self.dtype), self.teacher,
                                    self.step)
@@ -265,14 +264,15 @@ class Trainer:
 
     def _log(self, sums: dict, last: dict, n_steps: int, t_start: float, data_time: float,
              lr: float) -> None:
-        """One all-reduce: loss terms and statistics averaged over ranks, skipped-sample counts
-        summed. The interval's time runs from ``t_start`` (evaluation and checkpoint writing
+        """One all-reduce: loss terms and statistics averaged over ranks, skipped samples and
+        shards summed. The interval's time runs from ``t_start`` (evaluation and checkpoint writing
         already left out) to now, once the reduce has waited for the device."""
         means = {k: v / max(1, n_steps) for k, v in sums.items()}
         means.update({k: v for k, v in last.items() if v is not None})
-        bad = self.stream.bad_total()
+        skipped = self.loader.state.skipped_total()
         means["data_time_s"] = torch.tensor(data_time / max(1, n_steps), device=self.device)
-        packed = pack_for_reduce(means, [float(bad.get(k, 0)) for k in BAD_KINDS], self.device)
+        packed = pack_for_reduce(means, [float(skipped.get(k, 0)) for k in SKIP_KINDS],
+                                 self.device)
         values, counts = unpack_reduced(all_reduce_sum(packed).tolist(), sorted(means),
                                         self.world_size)
         step_time = (time.perf_counter() - t_start) / max(1, n_steps)
@@ -282,7 +282,8 @@ class Trainer:
                        "step_time_s": step_time, "tflops_per_device": tflops,
                        **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
                        **memory_figures(self.device)})
-        values.update({f"skipped_{k}": c for k, c in zip(BAD_KINDS, counts) if c})
+        values.update({f"skipped_{k}": c for k, c in zip(SKIP_KINDS, counts)
+                       if c or k == "shards"})
         self.log.scalars(self.step, values, "train/")
         self.log.console(self.step, values)
 
@@ -301,7 +302,7 @@ class Trainer:
 
     def save(self) -> str:
         client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
-                  "rng": checkpoint.rng_state(), "data": self.stream.state_dict(),
+                  "rng": checkpoint.rng_state(), "data": self.loader.state.state_dict(),
                   "world_size": self.world_size, "optimizer": self.optimizer_kind,
                   "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,

@@ -1,0 +1,218 @@
+"""A worker's raw samples: its shard sequence, read shard by shard and shuffled in blocks.
+
+Where a worker is can be said in a few numbers, so a checkpoint records it and a resumed run
+starts there after reading at most two blocks and one shard, however long the run has been:
+
+- the shard sequence is a pure function of (seed, rank, worker): the ``i``-th shard is found by
+  drawing, without opening anything;
+- samples are shuffled in blocks of ``size``: block ``k`` is the next ``size`` raw samples, read
+  from a known point of the sequence (shard ``i``, ``j`` samples into it), handed out in an order
+  drawn from (seed, rank, worker, k). While block ``k`` is handed out, block ``k + 1`` is read, one
+  raw sample per sample handed out, so memory holds one block and nothing stalls between blocks.
+
+A ``Position`` is (block, the point where it began, how many of its samples were handed out,
+how many samples were handed out in all, and the counts of what was skipped).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from megaclip.data.shards import BadShard, ShardError
+
+log = logging.getLogger("megaclip.data")
+
+_SHARDS, _SHUFFLE = 1, 2  # stream ids mixed into seeds, so the generators never coincide
+FIRST_BAD_NAMED = 5
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of non-negative ints."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def shard_sequence(num_shards: int, seed: int, rank: int, worker: int, workers: int,
+                   world_size: int, resampled: bool) -> Iterator[int]:
+    """Endless shard indices for one (rank, worker). ``resampled``: each draws its own sequence
+    with replacement; otherwise epochs over the list, one order per epoch shared by all and split
+    by rank and worker."""
+    if resampled:
+        rng = random.Random(derive_seed(seed, rank, worker, _SHARDS))
+        while True:
+            yield rng.randrange(num_shards)
+    rng = random.Random(derive_seed(seed, _SHARDS))
+    gw, total = rank * workers + worker, world_size * workers
+    while True:
+        order = list(range(num_shards))
+        rng.shuffle(order)
+        yield from order[gw::total]
+
+
+@dataclass
+class SequencePoint:
+    """A point of the shard sequence and what was read up to it."""
+    shard: int = 0  # index in the worker's shard sequence
+    offset: int = 0  # samples of that shard already read
+    shards_read: int = 0
+    shards_bad: int = 0
+    first_bad: tuple = ()  # "url: reason" of the first few bad shards
+
+
+@dataclass
+class Position:
+    """Where a worker is; see the module docstring. ``skipped`` counts bad samples by kind."""
+    block: int = 0
+    start: SequencePoint = field(default_factory=SequencePoint)
+    emitted: int = 0
+    cursor: int = 0
+    skipped: dict = field(default_factory=dict)
+    bad_in_a_row: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Position":
+        d = dict(d)
+        start = d.pop("start")
+        start["first_bad"] = tuple(start.get("first_bad", ()))
+        return cls(start=SequencePoint(**start), **d)
+
+
+class SequenceReader:
+    """Raw samples along the shard sequence from ``at``. A shard that fails is logged, counted
+    and left for the next one; more bad shards than ``max_bad_fraction`` of those read (at least
+    one is always tolerated, unless the fraction is 0) is an error naming the first of them."""
+
+    def __init__(self, urls: list[str], sequence: Iterator[int], at: SequencePoint,
+                 read: Callable[..., Iterator[dict]], max_bad_fraction: float, who: str,
+                 status: Optional[Callable[[int, int], None]] = None):
+        self.urls, self.read, self.who = urls, read, who
+        self.max_bad_fraction, self.status = max_bad_fraction, status
+        self.at = dataclasses.replace(at)
+        self._sequence = itertools.islice(sequence, at.shard, None)  # drawn, not opened
+        self._samples: Optional[Iterator[dict]] = None
+        self._url, self._got, self._empty_in_a_row = "", False, 0
+
+    def point(self) -> SequencePoint:
+        return dataclasses.replace(self.at)
+
+    def next(self) -> dict:
+        while True:
+            if self._samples is None:
+                index = next(self._sequence)
+                self._url, self._got = self.urls[index], False
+                if self.at.offset == 0:
+                    self.at.shards_read += 1
+                self._samples = self.read(self._url, skip=self.at.offset)
+                if self.status:
+                    self.status(index, self.at.offset)
+            try:
+                sample = next(self._samples)
+            except StopIteration:
+                self._end_of_shard()
+                continue
+            except BadShard as e:
+                self._bad(e)
+                self._end_of_shard()
+                continue
+            self.at.offset += 1
+            self._got = True
+            if self.status:
+                self.status(-1, self.at.offset)
+            return sample
+
+    def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
+
+    def _end_of_shard(self) -> None:
+        self._samples = None
+        self.at.shard, self.at.offset = self.at.shard + 1, 0
+        self._empty_in_a_row = 0 if self._got else self._empty_in_a_row + 1
+        if self._empty_in_a_row >= max(100, len(self.urls)):
+            raise ShardError(f"{self._empty_in_a_row} shards in a row gave no sample "
+                             f"(last: {self._url}); the shards hold no samples")
+
+    def _bad(self, e: BadShard) -> None:
+        at = self.at
+        at.shards_bad += 1
+        if len(at.first_bad) < FIRST_BAD_NAMED:
+            at.first_bad = at.first_bad + (f"{e.url}: {e.reason}",)
+        log.warning("skipping shard %s (%s): %s [%d of %d shards read by %s were bad]",
+                    e.url, self.who, e.reason, at.shards_bad, at.shards_read, self.who)
+        allowed = (max(1, int(self.max_bad_fraction * at.shards_read))
+                   if self.max_bad_fraction > 0 else 0)
+        if at.shards_bad > allowed:
+            raise ShardError(
+                f"{at.shards_bad} of the {at.shards_read} shards read by {self.who} are bad, more "
+                f"than data.max_bad_shard_fraction={self.max_bad_fraction:g} allows; first: "
+                + "; ".join(at.first_bad))
+
+
+class BlockShuffle:
+    """Raw samples of a ``SequenceReader`` in shuffled blocks of ``size``; ``position()`` is where
+    the stream is after the last sample it handed out."""
+
+    def __init__(self, open_reader: Callable[[SequencePoint], SequenceReader], size: int,
+                 order_seed: Callable[[int], int], at: Position):
+        self.open_reader, self.size, self.order_seed = open_reader, max(1, size), order_seed
+        self.at = at
+        self.reader: Optional[SequenceReader] = None
+
+    def bad_shards(self) -> int:
+        """Shards skipped so far, counting those of the block being read ahead."""
+        return self.reader.at.shards_bad if self.reader else self.at.start.shards_bad
+
+    def position(self) -> Position:
+        return dataclasses.replace(self.at, start=dataclasses.replace(self.at.start),
+                                   skipped=dict(self.at.skipped))
+
+    def _order(self, block: int) -> list[int]:
+        order = list(range(self.size))
+        if self.size > 1:
+            random.Random(self.order_seed(block)).shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[dict]:
+        at = self.at
+        reader = self.reader = self.open_reader(at.start)
+        try:
+            current = [reader.next() for _ in range(self.size)]
+            next_start = reader.point()
+            # On resume, the samples of the next block read while the first ``emitted`` were
+            # handed out are read again.
+            upcoming = [reader.next() for _ in range(at.emitted)]
+            order = self._order(at.block)
+            while True:
+                while at.emitted < self.size:
+                    i = order[at.emitted]
+                    sample, current[i] = current[i], None
+                    upcoming.append(reader.next())
+                    at.emitted += 1
+                    at.cursor += 1
+                    yield sample
+                at.block, at.start, at.emitted = at.block + 1, next_start, 0
+                current, upcoming, next_start = upcoming, [], reader.point()
+                order = self._order(at.block)
+        finally:
+            reader.close()
+
+
+def status_writer(array, slot: int) -> Callable[[int, int], None]:
+    """Records (shard index, samples read, time) of one DataLoader worker in shared memory, for
+    the report of a stalled loader; a shard index of -1 keeps the current one."""
+    def write(shard: int, offset: int) -> None:
+        if shard >= 0:
+            array[3 * slot] = shard
+        array[3 * slot + 1] = offset
+        array[3 * slot + 2] = time.time()
+    return write
