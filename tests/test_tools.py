@@ -13,7 +13,7 @@ from PIL import Image
 from tests.conftest import ROOT, run_tool
 
 TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
-         "bench_objectives.py"]
+         "bench_objectives.py", "bench_resume.py"]
 
 
 def run_train(*args):
@@ -113,3 +113,16 @@ def test_train_tokenizer_reports_special_ids(synthetic):
     sp = spm.SentencePieceProcessor(model_file=str(synthetic / "spm.model"))
     assert sp.bos_id() >= 0 and sp.eos_id() >= 0 and sp.pad_id() >= 0
     assert sp.encode("red circle", out_type=str) == ["▁red", "▁circle"]
+
+
+def test_bench_resume_reads_as_much_after_many_samples_as_after_few(tmp_path, synthetic):
+    out = tmp_path / "resume.json"
+    proc = run_tool("bench_resume.py", "--seen", "100", "3000", "--shard-count", "4",
+                    "--shard-size", "50", "--shuffle-buffer", "40", "--batch", "8",
+                    "--tokenizer", str(synthetic / "spm.model"), "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["seen"] for r in rows] == [100, 3000]
+    # At most the block, the next block's samples read ahead, the first shard's skipped part
+    # and the batch: the same bound after 3000 samples as after 100.
+    assert all(r["samples_read"] <= 2 * 40 + 50 + 8 for r in rows), rows
+    assert "samples read before the first batch" in proc.stdout
