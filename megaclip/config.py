@@ -152,11 +152,14 @@ class DataConfig:
     image_formats: tuple = ("JPEG", "PNG", "WEBP")  # PIL formats tried; nothing else is decoded
     max_member_bytes: int = 256 * 2**20  # a tar member above this is not read; its sample skipped
     max_caption_bytes: int = 2**20  # a caption above this is skipped before tokenising
-    # Shards that fail while read are skipped; more than this fraction of those a worker read
-    # (one is always tolerated unless it is 0) is an error naming them.
+    # Shards that fail while read are skipped; clearly more than this fraction of those read,
+    # over all ranks (checked at log steps), is an error naming them. 0: none tolerated.
     max_bad_shard_fraction: float = 0.01
-    max_bad_samples_in_a_row: int = 2000  # then an error naming what the samples hold; 0: off
-    loader_timeout_s: float = 1800.0  # no batch for this long: an error naming each worker's shard
+    # Unusable samples in a row, from at least 3 shards: an error naming what they hold; 0: off.
+    max_bad_samples_in_a_row: int = 2000
+    # No batch for this long: an error naming each worker's shard. Below the process group's
+    # 10-minute collective timeout, so the report comes before other ranks give up waiting.
+    loader_timeout_s: float = 300.0
 
 
 @dataclass

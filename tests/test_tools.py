@@ -121,7 +121,7 @@ def test_bench_resume_reads_as_much_after_many_samples_as_after_few(tmp_path, sy
                     "--shard-size", "50", "--shuffle-buffer", "40", "--batch", "8",
                     "--tokenizer", str(synthetic / "spm.model"), "--json", str(out))
     rows = json.loads(out.read_text())
-    assert [r["seen"] for r in rows] == [100, 3000]
+    assert [r["seen"] for r in rows] == [100, 3000] and all(r["continued"] for r in rows)
     # At most the block, the next block's samples read ahead, the first shard's skipped part
     # and the batch: the same bound after 3000 samples as after 100.
     assert all(r["samples_read"] <= 2 * 40 + 50 + 8 for r in rows), rows

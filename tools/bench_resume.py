@@ -66,15 +66,14 @@ def saved_state(cfg, tokenizer, batch: int, seen: int) -> dict:
     if not hasattr(wds.TrainStream, "raw_samples"):  # a stream that saves a raw-sample count
         return {"workers": 1, "world_size": 1, "cursors": {0: seen}, "bad": {},
                 "batches": seen // batch}
-    stream = wds.TrainStream(cfg, 32, tokenizer, batch, 0, 1)
-    raw = stream.raw_samples(0, 1, 0)
+    loader = wds.build_train_loader(cfg, 32, tokenizer, batch, 0, 1)
+    raw = loader.loader.dataset.raw_samples(0, 1, 0)
     it = iter(raw)
-    for _ in range(seen):
+    for _ in range(seen):  # raw samples only: what the decoded batches would have consumed
         next(it)
-    state = wds.StreamState(1, 1)
-    state.positions[0] = raw.position().to_dict()
-    state.batches = seen // batch
-    return state.state_dict()
+    loader.state.positions[0] = raw.position().to_dict()
+    loader.state.batches = seen // batch
+    return loader.state.state_dict()
 
 
 def first_batch_cost(cfg, tokenizer, batch: int, seen: int, per_sample: int) -> dict:
@@ -87,7 +86,10 @@ def first_batch_cost(cfg, tokenizer, batch: int, seen: int, per_sample: int) -> 
         first = next(iter(loader))
         seconds = time.perf_counter() - t0
     assert first["images"].shape[0] == batch
-    return {"seen": seen, "samples_read": count.members // per_sample, "seconds": seconds}
+    position = first["position"][1]
+    cursor = position["cursor"] if isinstance(position, dict) else position
+    return {"seen": seen, "samples_read": count.members // per_sample, "seconds": seconds,
+            "continued": cursor == seen + batch}
 
 
 def main() -> int:
@@ -132,7 +134,8 @@ def main() -> int:
         row = first_batch_cost(cfg, tokenizer, args.batch, seen, per_sample)
         rows.append(row)
         print(f"resume after {seen:>8d} samples seen: {row['samples_read']:>8d} samples read "
-              f"before the first batch, {row['seconds']:.2f} s", flush=True)
+              f"before the first batch, {row['seconds']:.2f} s"
+              + ("" if row["continued"] else " (NOT where it stopped)"), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -76,8 +76,11 @@ def decode_image(sample: dict, keys: tuple, max_pixels: int,
 
 class BadSampleLog:
     """Counts skipped samples by kind and describes the first few in the log. ``max_in_a_row``
-    unusable samples in a row (a wrong ``data.caption_key`` makes every sample unusable) is an
-    error naming the members the samples do have."""
+    unusable samples in a row, from at least ``MIN_SHARDS`` shards (a wrong ``data.caption_key``
+    makes every sample unusable; one shard of GIFs only should not end the run), is an error
+    naming the members the samples do have."""
+
+    MIN_SHARDS = 3
 
     def __init__(self, describe_first: int, max_in_a_row: int = 0,
                  counts: Optional[dict] = None, in_a_row: int = 0):
@@ -85,20 +88,25 @@ class BadSampleLog:
         self.describe_first, self.max_in_a_row = describe_first, max_in_a_row
         self.in_a_row = in_a_row
         self.members: Counter = Counter()  # member extensions of the current run of bad samples
+        self.shards: set = set()  # (up to MIN_SHARDS) shards of the current run
 
     def good(self) -> None:
         self.in_a_row = 0
         self.members.clear()
+        self.shards.clear()
 
     def add(self, err: BadSample, sample: dict) -> None:
         self.counts[err.kind] += 1
         self.in_a_row += 1
         self.members.update(k for k in sample if not k.startswith("__"))
+        if len(self.shards) < self.MIN_SHARDS:
+            self.shards.add(sample.get("__url__"))
         total = sum(self.counts.values())
         if total <= self.describe_first:
             log.warning("skipping sample %s from %s: %s", sample.get("__key__"),
                         sample.get("__url__"), err)
-        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+        if (self.max_in_a_row and self.in_a_row >= self.max_in_a_row
+                and len(self.shards) >= self.MIN_SHARDS):
             detail = str(err).split(": ", 1)[1] if ": " in str(err) else str(err)
             have = ", ".join(k for k, _ in self.members.most_common()) or "no members"
             raise UserError(

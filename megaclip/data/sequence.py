@@ -31,6 +31,7 @@ log = logging.getLogger("megaclip.data")
 
 _SHARDS, _SHUFFLE = 1, 2  # stream ids mixed into seeds, so the generators never coincide
 FIRST_BAD_NAMED = 5
+BAD_SHARDS_IN_A_ROW = 20  # failed shards in a row with no sample between them: an error
 
 
 def derive_seed(*parts: int) -> int:
@@ -89,18 +90,18 @@ class Position:
 
 class SequenceReader:
     """Raw samples along the shard sequence from ``at``. A shard that fails is logged, counted
-    and left for the next one; more bad shards than ``max_bad_fraction`` of those read (at least
-    one is always tolerated, unless the fraction is 0) is an error naming the first of them."""
+    and left for the next one (whether there are too many is judged over all ranks, by the
+    trainer); only a long run of shards that give nothing is an error here: no batch would
+    ever reach the trainer to judge."""
 
     def __init__(self, urls: list[str], sequence: Iterator[int], at: SequencePoint,
-                 read: Callable[..., Iterator[dict]], max_bad_fraction: float, who: str,
+                 read: Callable[..., Iterator[dict]], who: str,
                  status: Optional[Callable[[int, int], None]] = None):
-        self.urls, self.read, self.who = urls, read, who
-        self.max_bad_fraction, self.status = max_bad_fraction, status
+        self.urls, self.read, self.who, self.status = urls, read, who, status
         self.at = dataclasses.replace(at)
         self._sequence = itertools.islice(sequence, at.shard, None)  # drawn, not opened
         self._samples: Optional[Iterator[dict]] = None
-        self._url, self._got, self._empty_in_a_row = "", False, 0
+        self._url, self._got, self._empty_in_a_row, self._bad_in_a_row = "", False, 0, []
 
     def point(self) -> SequencePoint:
         return dataclasses.replace(self.at)
@@ -125,7 +126,7 @@ class SequenceReader:
                 self._end_of_shard()
                 continue
             self.at.offset += 1
-            self._got = True
+            self._got, self._bad_in_a_row = True, []
             if self.status:
                 self.status(-1, self.at.offset)
             return sample
@@ -149,13 +150,10 @@ class SequenceReader:
             at.first_bad = at.first_bad + (f"{e.url}: {e.reason}",)
         log.warning("skipping shard %s (%s): %s [%d of %d shards read by %s were bad]",
                     e.url, self.who, e.reason, at.shards_bad, at.shards_read, self.who)
-        allowed = (max(1, int(self.max_bad_fraction * at.shards_read))
-                   if self.max_bad_fraction > 0 else 0)
-        if at.shards_bad > allowed:
-            raise ShardError(
-                f"{at.shards_bad} of the {at.shards_read} shards read by {self.who} are bad, more "
-                f"than data.max_bad_shard_fraction={self.max_bad_fraction:g} allows; first: "
-                + "; ".join(at.first_bad))
+        self._bad_in_a_row.append(f"{e.url}: {e.reason}")
+        if len(self._bad_in_a_row) >= BAD_SHARDS_IN_A_ROW:
+            raise ShardError(f"{len(self._bad_in_a_row)} shards in a row failed for {self.who}: "
+                             + "; ".join(self._bad_in_a_row[:FIRST_BAD_NAMED]) + " ...")
 
 
 class BlockShuffle:
@@ -168,9 +166,9 @@ class BlockShuffle:
         self.at = at
         self.reader: Optional[SequenceReader] = None
 
-    def bad_shards(self) -> int:
-        """Shards skipped so far, counting those of the block being read ahead."""
-        return self.reader.at.shards_bad if self.reader else self.at.start.shards_bad
+    def shards(self) -> SequencePoint:
+        """Shards read and skipped so far, counting those of the block being read ahead."""
+        return self.reader.point() if self.reader else dataclasses.replace(self.at.start)
 
     def position(self) -> Position:
         return dataclasses.replace(self.at, start=dataclasses.replace(self.at.start),
@@ -192,6 +190,8 @@ class BlockShuffle:
             # handed out are read again.
             upcoming = [reader.next() for _ in range(at.emitted)]
             order = self._order(at.block)
+            for i in order[:at.emitted]:  # handed out before the checkpoint
+                current[i] = None
             while True:
                 while at.emitted < self.size:
                     i = order[at.emitted]

@@ -9,7 +9,10 @@ whether to go on with the next shard.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tarfile
+import warnings
 from typing import Iterator
 
 import braceexpand
@@ -40,19 +43,24 @@ def _local_path(url: str) -> str:
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Expand brace patterns; several patterns may be joined with '::'. Local shards must exist."""
+    """Expand brace patterns; several patterns may be joined with '::'. A pattern whose local
+    files are all missing is an error; some missing is a warning, and they stay in the list (so
+    the shard sequences, and a resume, do not change): reading them counts as a bad shard."""
     if not pattern:
         raise UserError("no shards given (data.train_shards / eval.shards is empty)")
     urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(braceexpand.braceexpand(part))
+    try:
+        for part in pattern.split("::"):
+            urls.extend(braceexpand.braceexpand(part))
+    except Exception as e:  # noqa: BLE001 - unbalanced braces and the like
+        raise ShardError(f"shard pattern '{pattern}': {e}") from None
     missing = [_local_path(u) for u in urls if is_local(u) and not os.path.isfile(_local_path(u))]
     if missing and len(missing) == len(urls):
         raise ShardError(f"shard pattern '{pattern}' matches no file (first: {missing[0]})")
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ShardError(f"{len(missing)} of {len(urls)} shards of '{pattern}' do not exist: "
-                         f"{shown}")
+        warnings.warn(f"{len(missing)} of {len(urls)} shards of '{pattern}' do not exist (read "
+                      f"as bad shards): {shown}", stacklevel=2)
     return urls
 
 
@@ -66,7 +74,7 @@ def shard_list(pattern: str) -> list[str]:
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", expand_shards(pattern))
-        except UserError as e:
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or they wait
             box[0] = ("error", str(e))
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
@@ -96,6 +104,7 @@ class _StrictHeader(tarfile.TarInfo):
 def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, extension, header) of each regular member of a sample."""
     for info in tar:
+        tar.members = []  # tarfile keeps every header it has read; a shard has thousands
         if not info.isreg():
             continue
         key, ext = base_plus_ext(info.name)
@@ -111,69 +120,105 @@ def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return data
 
 
+class _Command:
+    """The output of a shard's command (``pipe:...``, or the curl/gsutil pipes webdataset opens
+    for URLs), read to its end before its exit status is looked at: a command that fails the
+    same way always gives the same samples, and one that exits non-zero is a bad shard whatever
+    its output looked like."""
+
+    def __init__(self, proc: subprocess.Popen, own_group: bool):
+        self.proc, self.own_group = proc, own_group
+
+    def read(self, size: int = -1) -> bytes:
+        return self.proc.stdout.read(size)
+
+    def status(self) -> int:
+        """Drain what is left of the output (the command is not cut off by SIGPIPE), then wait."""
+        while self.proc.stdout.read(1 << 20):
+            pass
+        self.proc.stdout.close()
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            if self.own_group:  # the shell and whatever it started (curl, aws s3 cp...)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
+        self.proc.stdout.close()
+        self.proc.wait()
+
+
+def _open(url: str):
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                start_new_session=True)
+        return _Command(proc, own_group=True)
+    stream = gopen(_local_path(url))
+    if isinstance(stream, Pipe):
+        return _Command(stream.proc, own_group=False)
+    return stream
+
+
 def read_shard(url: str, max_member_bytes: int = 1 << 62, skip: int = 0) -> Iterator[dict]:
     """Raw samples of one shard, ``{'__key__', '__url__', ext: bytes, ...}``, undecoded; the
     first ``skip`` samples are passed over. A member over ``max_member_bytes`` is not read; its
-    sample lists it under ``'__oversize__'``. Raises ``BadShard`` on any failure."""
+    sample lists it under ``'__oversize__'``. Raises ``BadShard`` on any failure; for a command,
+    a non-zero exit status is the reason given."""
     stream = None
-    finished = False
     try:
-        try:
-            stream = gopen(_local_path(url))
-            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictHeader)
-            sample: dict = {}
-            n = 0
-            for key, ext, info in _members(tar):
-                if sample and key != sample["__key__"]:  # the previous sample is complete
-                    if n >= skip:
-                        yield sample
-                    n += 1
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                if ext in sample or ext in sample.get("__oversize__", ()):
-                    raise tarfile.ReadError(f"duplicate member {key}.{ext}")
-                if info.size > max_member_bytes:  # passed over unread: memory stays bounded
-                    sample.setdefault("__oversize__", []).append(ext)
-                else:  # samples being skipped are not copied out of the stream
-                    sample[ext] = _read(tar, info) if n >= skip else None
-            if sample and n >= skip:
-                yield sample
-            finished = True
-            _close(stream, abandon=False)
-        except BadShard:
-            raise
-        except GeneratorExit:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure to read a shard names the shard
-            raise BadShard(url, _reason(e)) from None
+        stream = _open(url)
+        yield from _samples(url, stream, max_member_bytes, skip)
+        if isinstance(stream, _Command):
+            status = stream.status()
+            if status != 0:
+                raise BadShard(url, f"command exited with status {status}")
+        else:
+            stream.close()
+        stream = None
+    except (BadShard, GeneratorExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read a shard names the shard
+        if isinstance(stream, _Command):
+            status = stream.status()
+            stream = None
+            if status != 0:
+                raise BadShard(url, f"command exited with status {status}") from None
+        raise BadShard(url, _reason(e)) from None
     finally:
-        if stream is not None and not finished:
-            _close(stream, abandon=True)
+        if isinstance(stream, _Command):  # abandoned part-way: stop the command
+            stream.kill()
+        elif stream is not None:
+            stream.close()
+
+
+def _samples(url: str, stream, max_member_bytes: int, skip: int) -> Iterator[dict]:
+    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictHeader)
+    sample: dict = {}
+    n = 0
+    for key, ext, info in _members(tar):
+        if sample and key != sample["__key__"]:  # the previous sample is complete
+            if n >= skip:
+                yield sample
+            n += 1
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__url__": url}
+        if ext in sample or ext in sample.get("__oversize__", ()):
+            raise tarfile.ReadError(f"duplicate member {key}.{ext}")
+        if info.size > max_member_bytes:  # passed over unread: memory stays bounded
+            sample.setdefault("__oversize__", []).append(ext)
+        else:  # samples being skipped are not copied out of the stream
+            sample[ext] = _read(tar, info) if n >= skip else None
+    if sample and n >= skip:
+        yield sample
 
 
 def _reason(e: Exception) -> str:
     if isinstance(e, FileNotFoundError):
         return "file does not exist"
     text = str(e.args[0]) if e.args else str(e)
-    if isinstance(e, OSError) and ": exit " in text:  # webdataset's message for a failed pipe
-        return f"command exited with status {text.rsplit(': exit ', 1)[1].split()[0]}"
     return f"{type(e).__name__}: {text}"
-
-
-def _close(stream, abandon: bool) -> None:
-    """Close a shard's stream. A pipe's command is waited for and its exit status checked (an
-    ``OSError`` if it failed), unless the shard is being abandoned: then it is killed."""
-    if isinstance(stream, Pipe):
-        if abandon:
-            stream.proc.kill()
-            stream.stream.close()
-            stream.proc.wait()
-            stream.status = stream.proc.returncode
-            return
-        stream.close()  # waits for the command; raises on a status other than 0 or SIGPIPE
-    else:
-        stream.close()
 
 
 def iter_shard(url: str) -> Iterator[dict]:

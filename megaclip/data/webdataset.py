@@ -14,8 +14,10 @@ reported with the shard each worker was reading.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import time
+import zlib
 from typing import Iterator, Optional
 
 import torch
@@ -75,8 +77,7 @@ class TrainStream(IterableDataset):
                                  cfg.resampled)
             return SequenceReader(
                 self.urls, seq, point,
-                lambda url, skip: read_shard(url, cfg.max_member_bytes, skip),
-                cfg.max_bad_shard_fraction, who,
+                lambda url, skip: read_shard(url, cfg.max_member_bytes, skip), who,
                 status_writer(self.status, slot) if self.status is not None else None)
         return BlockShuffle(open_reader, cfg.shuffle_buffer,
                             lambda block: derive_seed(self.seed, self.rank, wid, _SHUFFLE, block),
@@ -117,30 +118,53 @@ class TrainStream(IterableDataset):
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
                 at.skipped, at.bad_in_a_row = dict(bad.counts), bad.in_a_row
+                shards = raw.shards()
                 batch = {"images": torch.stack(images), "tokens": tokens, "eot": eot,
                          "position": (wid, raw.position().to_dict()),
-                         "skipped": {**bad.counts, "shards": raw.bad_shards()}}
+                         "skipped": {**bad.counts, "shards": shards.shards_bad},
+                         "shards_read": shards.shards_read, "first_bad": shards.first_bad}
                 if self.masking is not None:
                     batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
                 images, captions, seeds = [], [], []
 
 
+def bad_shards_over_limit(bad: int, read: int, fraction: float) -> bool:
+    """Whether ``bad`` of ``read`` shards is clearly more than ``fraction``: more than
+    fraction x read plus three standard deviations of a binomial count, plus 2, so a dataset
+    at the limit does not trip it by chance. A fraction of 0 tolerates none, 1 any number."""
+    if fraction <= 0:
+        return bad > 0
+    if fraction >= 1:
+        return False
+    mean = fraction * read
+    return bad > mean + 3 * math.sqrt(mean * (1 - fraction)) + 2
+
+
 class StreamState:
     """What the trainer remembers of the stream: each worker's position and skip counts."""
 
     def __init__(self, workers: int, world_size: int, positions: Optional[dict] = None,
-                 skipped: Optional[dict] = None, batches: int = 0):
+                 skipped: Optional[dict] = None, batches: int = 0,
+                 fingerprint: Optional[list] = None):
         self.workers, self.world_size = workers, world_size
         self.positions: dict[int, dict] = {int(k): v for k, v in (positions or {}).items()}
         self.skipped: dict[int, dict] = {int(k): dict(v) for k, v in (skipped or {}).items()}
         self.batches = batches
+        self.fingerprint = fingerprint
+        self.shards_read: dict[int, int] = {}
+        self.first_bad: dict[int, tuple] = {}
 
     def update(self, batch: dict) -> None:
         self.batches += 1
-        wid, position = batch["position"]
-        self.positions[int(wid)] = position
-        self.skipped[int(wid)] = batch["skipped"]
+        wid = int(batch["position"][0])
+        self.positions[wid] = batch["position"][1]
+        self.skipped[wid] = batch["skipped"]
+        self.shards_read[wid] = batch["shards_read"]
+        self.first_bad[wid] = tuple(batch["first_bad"])
+
+    def first_bad_shards(self) -> list[str]:
+        return [name for names in self.first_bad.values() for name in names]
 
     def skipped_total(self) -> dict[str, int]:
         """Skipped samples by kind and skipped shards (``"shards"``), over this rank's workers."""
@@ -153,7 +177,7 @@ class StreamState:
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "workers": self.workers, "world_size": self.world_size,
                 "positions": dict(self.positions), "skipped": dict(self.skipped),
-                "batches": self.batches}
+                "batches": self.batches, "fingerprint": self.fingerprint}
 
 
 class TrainLoader:
@@ -195,24 +219,29 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                        restart_seed: int = 0, masking: Optional[Masking] = None,
                        urls: Optional[list[str]] = None) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
-    when the topology it was saved under differs, the stream restarts with fresh seeds
-    (``restart_seed``) instead of replaying samples. ``urls``: the shard list, if already
+    when the topology, shard list or stream settings it was saved under differ, the stream
+    restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the shard list, if already
     expanded (by ``shard_list``)."""
     workers = cfg.workers
-    start, stream_seed, kept = None, 0, StreamState(max(1, workers), world_size)
+    urls = urls if urls is not None else shard_list(cfg.train_shards)
+    # What a saved position means depends on all of these; if one changed, replaying would
+    # silently read other samples, so the stream restarts with fresh seeds instead.
+    fingerprint = [world_size, max(1, workers), len(urls),
+                   zlib.crc32("\n".join(urls).encode()), max(1, cfg.shuffle_buffer),
+                   cfg.resampled, cfg.seed]
+    start, stream_seed = None, 0
+    kept = StreamState(max(1, workers), world_size, fingerprint=fingerprint)
     if state:
-        if (state.get("format") == STATE_FORMAT and state["workers"] == max(1, workers)
-                and state["world_size"] == world_size):
+        if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
             kept = StreamState(state["workers"], world_size, state["positions"],
-                               state["skipped"], state["batches"])
+                               state["skipped"], state["batches"], fingerprint)
             start = kept.positions
         else:
             stream_seed = restart_seed
-            log.warning("the data stream was saved by %d rank(s) x %d worker(s) (format %s); "
-                        "at %d x %d it restarts with fresh seeds instead of replaying",
-                        state.get("world_size"), state.get("workers"), state.get("format", 1),
-                        world_size, max(1, workers))
-    urls = urls if urls is not None else shard_list(cfg.train_shards)
+            log.warning("the data stream was saved by %s rank(s) x %s worker(s) over other "
+                        "shards or stream settings (format %s); it restarts with fresh seeds "
+                        "instead of replaying", state.get("world_size"), state.get("workers"),
+                        state.get("format", 1))
     status = mp.Array("d", 3 * workers, lock=False) if workers > 0 else None
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,

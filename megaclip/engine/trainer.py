@@ -12,7 +12,8 @@ import torch
 
 from megaclip import checkpoint, cluster
 from megaclip.config import Config, save_resolved, to_dict
-from megaclip.data.webdataset import SKIP_KINDS, build_train_loader
+from megaclip.data.sequence import FIRST_BAD_NAMED
+from megaclip.data.webdataset import SKIP_KINDS, bad_shards_over_limit, build_train_loader
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
@@ -271,10 +272,14 @@ class Trainer:
         means.update({k: v for k, v in last.items() if v is not None})
         skipped = self.loader.state.skipped_total()
         means["data_time_s"] = torch.tensor(data_time / max(1, n_steps), device=self.device)
-        packed = pack_for_reduce(means, [float(skipped.get(k, 0)) for k in SKIP_KINDS],
-                                 self.device)
+        shards_read = sum(self.loader.state.shards_read.values())
+        packed = pack_for_reduce(means, [float(skipped.get(k, 0)) for k in SKIP_KINDS]
+                                 + [float(shards_read)], self.device)
         values, counts = unpack_reduced(all_reduce_sum(packed).tolist(), sorted(means),
                                         self.world_size)
+        # The same summed counts on every rank: all of them stop together, or none.
+        counts, shards_read = counts[:-1], int(counts[-1])
+        self._check_bad_shards(int(counts[SKIP_KINDS.index("shards")]), shards_read)
         step_time = (time.perf_counter() - t_start) / max(1, n_steps)
         per_device = self.global_batch / step_time / self.world_size
         tflops = per_device * self.flops_per_sample / 1e12
@@ -286,6 +291,16 @@ class Trainer:
                        if c or k == "shards"})
         self.log.scalars(self.step, values, "train/")
         self.log.console(self.step, values)
+
+    def _check_bad_shards(self, bad: int, read: int) -> None:
+        fraction = self.cfg.data.max_bad_shard_fraction
+        if not bad_shards_over_limit(bad, read, fraction):
+            return
+        named = [None] * self.world_size
+        torch.distributed.all_gather_object(named, self.loader.state.first_bad_shards())
+        first = [n for names in named for n in names][:FIRST_BAD_NAMED]
+        raise UserError(f"{bad} of the {read} shards read so far are bad, clearly more than "
+                        f"data.max_bad_shard_fraction={fraction:g}; first: " + "; ".join(first))
 
     def evaluate(self) -> dict:
         self.engine.eval()

@@ -1,5 +1,6 @@
 """The shard list is checked against the file system by rank 0 alone and shared: at world size 2
-over gloo, rank 1 asks the file system nothing and gets rank 0's list, or rank 0's error."""
+over gloo, rank 1 asks the file system nothing and gets rank 0's list, or rank 0's error
+(whatever the error: a rank left waiting would hang)."""
 import os
 
 import pytest
@@ -42,7 +43,10 @@ def test_only_rank_0_stats_the_shards_and_every_rank_gets_its_answer(tmp_path):
     results = _run(pattern)
     assert results[0] == ("ok", paths, 3) and results[1] == ("ok", paths, 0)
 
-    missing = str(tmp_path / "shard-{000000..000004}.tar")
-    results = _run(missing)
+    nothing = str(tmp_path / "none-{000000..000004}.tar")
+    results = _run(nothing)
     assert results[0][0] == results[1][0] == "error" and results[0][1] == results[1][1]
-    assert "2 of 5 shards" in results[1][1] and results[1][2] == 0
+    assert "matches no file" in results[1][1] and results[1][2] == 0
+
+    results = _run(str(tmp_path / "shard-{000000..00000"))  # unbalanced braces
+    assert results[0][0] == results[1][0] == "error" and results[1][2] == 0

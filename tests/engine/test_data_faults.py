@@ -84,6 +84,22 @@ def test_a_wrong_caption_key_ends_the_run_with_the_keys_found(tmp_path, syntheti
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     elapsed = time.perf_counter() - t0
     assert proc.returncode != 0
-    assert "error: 2000 samples in a row could not be used" in proc.stderr
+    assert "samples in a row could not be used (data.max_bad_samples_in_a_row)" in proc.stderr
     assert "no '.text' member; samples have: jpg, txt" in proc.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_broken_dataset_stops_with_the_first_bad_shards_named(tmp_path, synthetic):
+    good = _small_shards(synthetic, tmp_path / "good", 4)
+    gone = [str(tmp_path / f"gone-{i}.tar") for i in range(4)]
+    proc = subprocess.run(_command(synthetic, tmp_path / "run", "::".join(good + gone),
+                                   "train.steps=40", "train.log_every=2", "train.ckpt_every=0",
+                                   "data.max_bad_shard_fraction=0.1"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "4 of 8 shards" in proc.stderr and "do not exist (read as bad shards)" in proc.stderr
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert "shards read so far are bad, clearly more than data.max_bad_shard_fraction=0.1" in error
+    assert "gone-" in error and "file does not exist" in error
