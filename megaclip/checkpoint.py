@@ -1,5 +1,11 @@
-"""Checkpoints: the one place that calls DeepSpeed's save/load. A checkpoint is complete once
-every rank has written its files and rank 0 has written the COMPLETE marker."""
+"""Checkpoints: the one place that calls DeepSpeed's save/load.
+
+A checkpoint is written under ``<tag>.tmp`` by every rank (DeepSpeed's shards, megaclip's own
+client state and EMA teacher shards), then, once every rank is done, rank 0 writes the
+``COMPLETE`` marker (fsynced) and renames the directory to ``<tag>``: a directory named like a
+checkpoint is always whole. Saves, renames and deletions happen only under the run's own
+checkpoint folder; a checkpoint given to ``--resume`` is only read.
+"""
 from __future__ import annotations
 
 import json
@@ -7,9 +13,11 @@ import os
 import random
 import re
 import shutil
+import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megaclip.config import save_resolved
 from megaclip.distributed import barrier, world
@@ -17,6 +25,8 @@ from megaclip.errors import UserError
 
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
+CLIENT_DIR = "client"
+TMP_SUFFIX = ".tmp"
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -41,6 +51,11 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
+def marker(tag_dir: str) -> dict:
+    with open(os.path.join(tag_dir, MARKER)) as f:
+        return json.load(f)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -55,45 +70,138 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_interrupted(root: str) -> list[str]:
+    """Remove what interrupted writes left under ``root`` (``*.tmp`` directories, checkpoint
+    directories without a marker); returns their names. Rank 0 only, before anything else."""
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        stale = name.endswith(TMP_SUFFIX) or (_TAG.match(name) and
+                                              not os.path.isfile(os.path.join(path, MARKER)))
+        if stale and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(name)
+    return removed
+
+
+def move_aside(root: str, after_step: int) -> list[str]:
+    """Move the complete checkpoints of ``root`` newer than ``after_step`` into
+    ``root/aside-<time>/`` (a resume from an older one must neither overwrite nor delete them);
+    returns where they went."""
+    newer = [tag for step, tag in complete_checkpoints(root) if step > after_step]
+    if not newer:
+        return []
+    aside = os.path.join(root, time.strftime("aside-%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for tag in newer:
+        os.rename(os.path.join(root, tag), os.path.join(aside, tag))
+    _fsync_dir(root)
+    return [os.path.join(aside, tag) for tag in newer]
+
+
 def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None,
-         teacher=None) -> str:
-    """Save on every rank (each writes its own shards and client state, and its fp32 teacher
-    shard), then mark complete. The resolved config is written beside the shards so tools can
-    rebuild the model."""
+         teacher=None, protect: tuple = ()) -> str:
+    """Write on every rank under ``<tag>.tmp``, then mark complete and rename (rank 0). Keeps the
+    ``keep`` newest complete checkpoints, and those named in ``protect`` whatever their age."""
+    rank = world()[0]
     tag = tag_for(step)
-    engine.save_checkpoint(root, tag=tag, client_state=client_state)
+    tmp, final = os.path.join(root, tag + TMP_SUFFIX), os.path.join(root, tag)
+    engine.save_checkpoint(root, tag=tag + TMP_SUFFIX, client_state={}, save_latest=False)
+    os.makedirs(os.path.join(tmp, CLIENT_DIR), exist_ok=True)
+    torch.save(client_state, os.path.join(tmp, CLIENT_DIR, f"rank{rank:05d}.pt"))
     if teacher is not None:
-        save_teacher(os.path.join(root, tag), teacher)
-    barrier()
-    if world()[0] == 0:
+        save_teacher(tmp, teacher)
+    barrier()  # every rank's files are written
+    if rank == 0:
         if cfg is not None:
-            save_resolved(cfg, os.path.join(root, tag, CONFIG_FILE))
-        with open(os.path.join(root, tag, MARKER), "w") as f:
-            json.dump({"step": step, "optimizer": client_state.get("optimizer")}, f)
-        for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            save_resolved(cfg, os.path.join(tmp, CONFIG_FILE))
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"step": step, "optimizer": client_state.get("optimizer"),
+                       "world_size": world()[1]}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):  # the same step saved twice (a stop right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        old = complete_checkpoints(root)[:-keep] if keep > 0 else []
+        for _, name in old:
+            if name not in protect:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     barrier()
-    return os.path.join(root, tag)
+    return final
 
 
-def check_optimizer(root: str, tag: str, kind: str) -> None:
+def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint directory to resume from, chosen by rank 0 (``auto``: the newest complete
+    one under ``root``; or the path given) and checked by every rank: one that does not see it
+    complete, or sees another step, is an error naming the ranks."""
+    if resume in (None, "", "none"):
+        return None
+    rank, ws = world()
+    box: list = [None]
+    if rank == 0:
+        if resume == "auto":
+            tag = latest_checkpoint(root)
+            box[0] = ("ok", os.path.join(root, tag) if tag else None)
+        else:
+            path = os.path.abspath(resume.rstrip("/"))
+            box[0] = (("ok", path) if os.path.isfile(os.path.join(path, MARKER)) else
+                      ("error", f"--resume {resume}: not a complete megaclip checkpoint "
+                                f"directory (no {MARKER} marker)"))
+    if ws > 1:
+        dist.broadcast_object_list(box, src=0)
+    kind, path = box[0]
+    if kind == "error":
+        raise UserError(path)
+    if path is None:
+        return None
+    seen = marker(path)["step"] if os.path.isfile(os.path.join(path, MARKER)) else None
+    views = [seen]
+    if ws > 1:
+        views = [None] * ws
+        dist.all_gather_object(views, seen)
+    blind = [r for r, v in enumerate(views) if v != views[0]]
+    if blind or views[0] is None:
+        raise UserError(f"rank 0 chose {path} (step {views[0]}) to resume from, but ranks "
+                        f"{blind} see {[views[r] for r in blind]}: is the checkpoint folder on a "
+                        f"file system every node shares, and up to date?")
+    return path
+
+
+def check_optimizer(tag_dir: str, kind: str) -> None:
     """Refuse to load optimiser state written by another optimiser class (their states differ:
     DeepSpeed's FusedAdam keeps no per-parameter step, torch's AdamW needs one)."""
-    with open(os.path.join(root, tag, MARKER)) as f:
-        saved = json.load(f).get("optimizer")
+    saved = marker(tag_dir).get("optimizer")
     if saved and saved != kind:
-        raise UserError(f"checkpoint {os.path.join(root, tag)} holds the state of {saved}, but "
+        raise UserError(f"checkpoint {tag_dir} holds the state of {saved}, but "
                         f"this run built {kind}: set optim.impl to the optimiser it was trained "
                         f"with (and make it load on this machine) to resume")
 
 
-def load(engine, root: str, tag: str) -> dict:
-    """Restore model, optimiser and fp32 master shards; returns this rank's client state."""
-    path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+def load(engine, tag_dir: str) -> dict:
+    """Restore model, optimiser and fp32 master shards; returns this rank's client state (read
+    with ``weights_only=True``: plain containers and tensors only)."""
+    root, tag = os.path.dirname(tag_dir), os.path.basename(tag_dir)
+    path, ds_client = engine.load_checkpoint(root, tag=tag, load_module_strict=True,
+                                             load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
-    return client
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    own = os.path.join(tag_dir, CLIENT_DIR, f"rank{world()[0]:05d}.pt")
+    if os.path.isfile(own):
+        return torch.load(own, map_location="cpu", weights_only=True)
+    return ds_client  # written before megaclip kept its client state apart
 
 
 # --------------------------------------------------------------------------- EMA teacher
@@ -133,7 +241,7 @@ def consolidate_teacher(tag_dir: str) -> dict[str, torch.Tensor]:
     files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if not files:
         raise UserError(f"checkpoint {tag_dir} holds no EMA teacher")
-    parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=False)
+    parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True)
              for f in files]
     head = parts[0]
     if not head["partitioned"]:
@@ -152,7 +260,7 @@ def load_teacher(tag_dir: str, teacher) -> None:
     rank, ws = world()
     own = os.path.join(tag_dir, TEACHER_DIR, f"rank{rank:05d}.pt")
     if teacher.partitioned and os.path.isfile(own):
-        saved = torch.load(own, map_location="cpu", weights_only=False)
+        saved = torch.load(own, map_location="cpu", weights_only=True)
         if saved["partitioned"] and saved["world_size"] == ws:
             teacher.load_state_dict(saved["ema"])
             return

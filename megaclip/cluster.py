@@ -14,6 +14,8 @@ import socket
 import subprocess
 from typing import Optional
 
+from megaclip.errors import FatalError
+
 _RANGE = re.compile(r"^(?P<prefix>[^\[,]+)\[(?P<body>[^\]]+)\]")
 
 
@@ -78,7 +80,7 @@ class StopSignal:
     """Remembers that one of ``signals`` arrived (e.g. Slurm's warning before the time limit, or
     ``scancel --signal=USR1``); the trainer checks it at step boundaries."""
 
-    def __init__(self, names: tuple = ("SIGUSR1",)):
+    def __init__(self, names: tuple = ("SIGTERM", "SIGUSR1")):
         self.received: Optional[str] = None
         for name in names:
             sig = getattr(signal, name, None)
@@ -91,11 +93,19 @@ class StopSignal:
 
 
 def requeue() -> str:
-    """Ask Slurm to requeue this job (it restarts with the same id and resumes)."""
+    """Ask Slurm to requeue this job (it restarts with the same id and resumes). A failed
+    requeue is a ``FatalError``: the job must not end as if it had finished."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return "not a Slurm job: not requeued"
-    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise FatalError(f"scontrol requeue {job} failed: {e}; the checkpoint is saved, "
+                         f"resume with --resume auto") from None
     if proc.returncode != 0:
-        return f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+        raise FatalError(f"scontrol requeue {job} failed (exit {proc.returncode}): "
+                         f"{(proc.stderr or proc.stdout).strip()}; the checkpoint is saved, "
+                         f"resume with --resume auto")
     return f"job {job} requeued"

@@ -195,7 +195,7 @@ class TrainConfig:
     tensorboard: bool = True
     # On any of these signals: checkpoint at the next step boundary, then (under Slurm, with
     # requeue_on_stop) requeue the job, which resumes from that checkpoint.
-    stop_signals: tuple = ("SIGUSR1",)
+    stop_signals: tuple = ("SIGTERM", "SIGUSR1")
     requeue_on_stop: bool = True
     # Peak TFLOP/s of one device for the logged MFU; 0: look the GPU up (bf16 on known GPUs).
     peak_tflops: float = 0.0

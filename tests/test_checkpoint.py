@@ -12,9 +12,9 @@ def test_resume_with_another_optimizer_class_is_refused(tmp_path):
     (tmp_path / "step00000010").mkdir()
     marker = tmp_path / "step00000010" / MARKER
     marker.write_text(json.dumps({"step": 10, "optimizer": "deepspeed.ops.adam.fused_adam.FusedAdam"}))
-    check_optimizer(str(tmp_path), "step00000010", "deepspeed.ops.adam.fused_adam.FusedAdam")
+    check_optimizer(str(tmp_path / "step00000010"), "deepspeed.ops.adam.fused_adam.FusedAdam")
     with pytest.raises(UserError, match="holds the state of deepspeed.ops.adam.fused_adam.FusedAdam, "
                                         "but this run built torch.optim.adamw.AdamW"):
-        check_optimizer(str(tmp_path), "step00000010", "torch.optim.adamw.AdamW")
+        check_optimizer(str(tmp_path / "step00000010"), "torch.optim.adamw.AdamW")
     marker.write_text(json.dumps({"step": 10}))  # written before checkpoints named it
-    check_optimizer(str(tmp_path), "step00000010", "torch.optim.adamw.AdamW")
+    check_optimizer(str(tmp_path / "step00000010"), "torch.optim.adamw.AdamW")

@@ -18,7 +18,7 @@ from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.shards import shard_list
-from megaclip.distributed import all_reduce_sum, default_env, setup_device, world
+from megaclip.distributed import all_reduce_sum, barrier, default_env, setup_device, world
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
 from megaclip.engine.metrics import MetricLogger, memory_figures, peak_tflops
@@ -100,19 +100,29 @@ class Trainer:
             self.teacher.init_from_student()
 
         self.out_dir = cfg.train.output_dir
-        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.ckpt_root = os.path.abspath(os.path.join(self.out_dir, "checkpoints"))
         self.step, self.samples_seen = 0, 0
-        data_state = None
-        tag = self._find_resume(resume)
-        if tag is not None:
-            checkpoint.check_optimizer(self.ckpt_root, tag, self.optimizer_kind)
-            client = checkpoint.load(self.engine, self.ckpt_root, tag)
+        self.protected: tuple = ()  # checkpoints retention keeps (the last good one)
+        data_state, notes = None, []
+        if self.rank == 0:  # what interrupted writes left behind is never resumed from
+            notes += [f"removed {n}, left by an interrupted checkpoint write"
+                      for n in checkpoint.clean_interrupted(self.ckpt_root)]
+        barrier()
+        resume_dir = checkpoint.choose_resume(self.ckpt_root, resume)
+        if resume_dir is not None:
+            checkpoint.check_optimizer(resume_dir, self.optimizer_kind)
+            client = checkpoint.load(self.engine, resume_dir)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
+            self.protected = tuple(client.get("protected", ()))
             self.objective.load_state_dict(client.get("objective", {}))
             if self.teacher is not None:
-                checkpoint.load_teacher(os.path.join(self.ckpt_root, tag), self.teacher)
+                checkpoint.load_teacher(resume_dir, self.teacher)
             checkpoint.set_rng_state(client["rng"])
             data_state = client["data"]
+            if self.rank == 0:  # newer checkpoints of this run: kept, out of the way
+                notes += [f"moved {p} aside: resuming from the older {resume_dir}"
+                          for p in checkpoint.move_aside(self.ckpt_root, self.step)]
+            barrier()
         self.loader = build_train_loader(
             cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
             self.rank, self.world_size, data_state, restart_seed=self.step,
@@ -132,7 +142,12 @@ class Trainer:
         self.log.text(f"megaclip: {self.world_size} rank(s) on {self.device.type}, ZeRO stage "
                       f"{stage}, {str(self.dtype).replace('torch.', '')}, global batch "
                       f"{self.global_batch}, {self._num_params() / 1e6:.1f}M parameters"
-                      + (f", resumed from {tag} at step {self.step}" if tag else ""))
+                      + (f", resumed from {os.path.basename(resume_dir)} at step {self.step}"
+                         + ("" if os.path.dirname(resume_dir) == os.path.abspath(self.ckpt_root)
+                            else f" (read from {os.path.dirname(resume_dir)})")
+                         if resume_dir else ""))
+        for note in notes:
+            self.log.text(note)
         self.log.text(f"optimiser: {optimizer_name}; "
                       + (f"MFU against {self.peak_tflops:g} TFLOP/s per device"
                          if self.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "
@@ -163,17 +178,6 @@ class Trainer:
     def _num_params(self) -> int:
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in self.engine.module.parameters())
-
-    def _find_resume(self, resume: Optional[str]) -> Optional[str]:
-        if resume in (None, "", "none"):
-            return None
-        if resume == "auto":
-            return checkpoint.latest_checkpoint(self.ckpt_root)
-        path = os.path.abspath(resume.rstrip("/"))
-        if not os.path.isfile(os.path.join(path, checkpoint.MARKER)):
-            raise UserError(f"--resume {resume}: not a complete megaclip checkpoint directory")
-        self.ckpt_root = os.path.dirname(path)
-        return os.path.basename(path)
 
     # ---------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -215,6 +219,10 @@ class Trainer:
                           data_time, lr)
                 sums, log_from, data_time, other_time = {}, self.step, 0.0, 0.0
                 t_log = time.perf_counter()
+            # A stop signal is heard before this step's evaluation and periodic checkpoint, so
+            # the grace time before SIGKILL goes to the checkpoint alone.
+            if self.step < cfg.train.steps and self._stop_requested():
+                return self._stop_for_signal()
             do_eval = cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set
             do_save = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
             if do_eval or do_save:
@@ -225,8 +233,6 @@ class Trainer:
                 if do_save:
                     self.save()
                 other_time += time.perf_counter() - t0
-            if self.step < cfg.train.steps and self._stop_requested():
-                return self._stop_for_signal()
         if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
             self.save()
         if self.step < cfg.train.steps:  # stopped early on request: no final evaluation
@@ -248,15 +254,16 @@ class Trainer:
         return all_reduce_sum(flag).item() > 0
 
     def _stop_for_signal(self) -> dict:
-        if not (self.cfg.train.ckpt_every and self.step % self.cfg.train.ckpt_every == 0):
-            self.save()
+        self.save()
         why = self.stop_signal.received or "a signal on another rank"
         self.log.text(f"pre-empted by {why} after step {self.step}: checkpoint saved")
-        if self.rank == 0 and self.from_slurm and self.cfg.train.requeue_on_stop:
-            self.log.text(f"requeueing Slurm job {os.environ.get('SLURM_JOB_ID')}; the next run "
-                          f"resumes from step {self.step}")
-            self.log.text(cluster.requeue())
-        self.log.close()
+        try:
+            if self.rank == 0 and self.from_slurm and self.cfg.train.requeue_on_stop:
+                self.log.text(f"requeueing Slurm job {os.environ.get('SLURM_JOB_ID')}; the "
+                              f"next run resumes from step {self.step}")
+                self.log.text(cluster.requeue())  # a FatalError (exit 1) if it fails
+        finally:
+            self.log.close()
         return {}
 
     def _synchronize(self) -> None:
@@ -319,8 +326,10 @@ class Trainer:
         client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
                   "rng": checkpoint.rng_state(), "data": self.loader.state.state_dict(),
                   "world_size": self.world_size, "optimizer": self.optimizer_kind,
+                  "protected": list(self.protected),
                   "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
-                               self.cfg.train.keep_checkpoints, self.cfg, self.teacher)
+                               self.cfg.train.keep_checkpoints, self.cfg, self.teacher,
+                               protect=self.protected)
         self.log.text(f"saved checkpoint {path}")
         return path
