@@ -1,10 +1,11 @@
-"""Slurm variables -> torch.distributed env://, and the stop signal."""
+"""Slurm variables -> torch.distributed env://, the stop signals, and a requeue that fails."""
 import os
 import signal
 
 import pytest
 
-from megaclip.cluster import StopSignal, first_host, slurm_env, tasks_per_node
+from megaclip.cluster import StopSignal, first_host, requeue, slurm_env, tasks_per_node
+from megaclip.errors import FatalError
 
 
 @pytest.mark.parametrize("nodelist,first", [
@@ -34,3 +35,27 @@ def test_stop_signal_is_remembered():
         assert stop.received == "SIGUSR1"
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_failed_requeue_is_an_error_with_scontrols_message(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\necho 'slurm_requeue error: Access/permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(FatalError, match=r"scontrol requeue 4242 failed \(exit 1\): "
+                                         r"slurm_requeue error: Access/permission denied"):
+        requeue()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    assert requeue() == "job 4242 requeued"
+
+
+def test_sigterm_and_sigusr1_stop_by_default():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGTERM"
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
