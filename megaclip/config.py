@@ -191,7 +191,8 @@ class TrainConfig:
     output_dir: str = "runs/megaclip"
     log_every: int = 10
     ckpt_every: int = 1000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest checkpoint before skipped steps is kept as well
+    max_skipped_steps_in_a_row: int = 10  # non-finite steps in a row, then the run stops
     tensorboard: bool = True
     # On any of these signals: checkpoint at the next step boundary, then (under Slurm, with
     # requeue_on_stop) requeue the job, which resumes from that checkpoint.

@@ -48,6 +48,12 @@ class Objective(nn.Module):
             terms.update(self.mlm(outputs["mlm_logits"], batch["tokens"], batch["mlm_target"]))
         return terms, stats
 
+    def end_step(self, applied: bool) -> None:
+        """Once per optimiser step, on every rank: statistics gathered over its micro-batches
+        (the distillation centre) are folded in if the step was applied, dropped if skipped."""
+        if self.distill is not None:
+            self.distill.end_step(applied)
+
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[k] * v for k, v in terms.items())
 

@@ -21,6 +21,7 @@ from megaclip.data.shards import shard_list
 from megaclip.distributed import all_reduce_sum, barrier, default_env, setup_device, world
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
+from megaclip.engine.guard import StepGuard, nan_injections, reduce_step_flags
 from megaclip.engine.metrics import MetricLogger, memory_figures, peak_tflops
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.schedules import warmup_cosine
@@ -102,7 +103,8 @@ class Trainer:
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.abspath(os.path.join(self.out_dir, "checkpoints"))
         self.step, self.samples_seen = 0, 0
-        self.protected: tuple = ()  # checkpoints retention keeps (the last good one)
+        self.guard = StepGuard(cfg.train.max_skipped_steps_in_a_row)
+        self.inject_nan = nan_injections()  # test hook: empty unless MEGACLIP_INJECT_NAN is set
         data_state, notes = None, []
         if self.rank == 0:  # what interrupted writes left behind is never resumed from
             notes += [f"removed {n}, left by an interrupted checkpoint write"
@@ -113,7 +115,8 @@ class Trainer:
             checkpoint.check_optimizer(resume_dir, self.optimizer_kind)
             client = checkpoint.load(self.engine, resume_dir)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
-            self.protected = tuple(client.get("protected", ()))
+            self.guard = StepGuard(cfg.train.max_skipped_steps_in_a_row,
+                                   client.get("skipped_steps", 0), client.get("protected", ()))
             self.objective.load_state_dict(client.get("objective", {}))
             if self.teacher is not None:
                 checkpoint.load_teacher(resume_dir, self.teacher)
@@ -189,24 +192,43 @@ class Trainer:
         # Per log interval: its first step, wall time, time spent waiting for batches, and time
         # spent on evaluation and checkpoints (excluded from the step time).
         log_from, t_log, data_time, other_time = self.step, time.perf_counter(), 0.0, 0.0
+        n_good = 0  # steps of the interval whose terms are averaged (skipped ones are not)
         while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.engine.train()
+            step_terms, flags = {}, None
             for _ in range(cfg.train.grad_accum_steps):
                 t0 = time.perf_counter()
                 batch = next(it)
                 data_time += time.perf_counter() - t0
-                terms = train_step(self.engine, self.objective,
-                                   to_device(batch, self.device, self.dtype), self.teacher,
-                                   self.step)
+                batch = to_device(batch, self.device, self.dtype)
+                if (self.step + 1, self.rank) in self.inject_nan:
+                    batch["images"] = batch["images"] * float("nan")
+                terms = train_step(self.engine, self.objective, batch, self.teacher, self.step)
+                local = StepGuard.local_flags(terms)
+                flags = local if flags is None else torch.maximum(flags, local)
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.float() / cfg.train.grad_accum_steps
+                    step_terms[k] = step_terms.get(k, 0) + v.float() / cfg.train.grad_accum_steps
+            # One all-reduce: the stop flag and, per term, the ranks where it was not finite.
+            stop, bad = reduce_step_flags(self.stop_signal.received is not None, flags,
+                                          self.device)
+            skipped = self.guard.judge(self.step + 1, self.engine.was_step_applied(),
+                                       dict(zip(sorted(step_terms), bad)),
+                                       lambda: checkpoint.latest_checkpoint(self.ckpt_root))
+            good = skipped is None
+            if good:
+                n_good += 1
+                for k, v in step_terms.items():
+                    sums[k] = sums.get(k, 0) + v
+            else:
+                self.log.text(skipped)
+            self.objective.end_step(good)
             log_now = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == last
             last_values = {}
-            if self.teacher is not None:  # after the optimiser step: the masters are current
+            if self.teacher is not None and good:  # the masters are current
                 m = momentum_at(self.step, cfg.train.steps, cfg.objective.teacher.momentum,
                                 cfg.objective.teacher.momentum_end)
                 last_values["teacher_update_rms"] = self.teacher.update(m, measure=log_now)
@@ -215,13 +237,13 @@ class Trainer:
             self.step += 1
             self.samples_seen += self.global_batch
             if log_now:
-                self._log(sums, last_values, self.step - log_from, t_log + other_time,
+                self._log(sums, last_values, self.step - log_from, n_good, t_log + other_time,
                           data_time, lr)
-                sums, log_from, data_time, other_time = {}, self.step, 0.0, 0.0
+                sums, log_from, data_time, other_time, n_good = {}, self.step, 0.0, 0.0, 0
                 t_log = time.perf_counter()
             # A stop signal is heard before this step's evaluation and periodic checkpoint, so
             # the grace time before SIGKILL goes to the checkpoint alone.
-            if self.step < cfg.train.steps and self._stop_requested():
+            if self.step < cfg.train.steps and stop:
                 return self._stop_for_signal()
             do_eval = cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set
             do_save = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
@@ -248,11 +270,6 @@ class Trainer:
         self.log.close()
         return results
 
-    def _stop_requested(self) -> bool:
-        """Whether any rank received a stop signal (ranks may get it at different steps)."""
-        flag = torch.tensor([1.0 if self.stop_signal.received else 0.0], device=self.device)
-        return all_reduce_sum(flag).item() > 0
-
     def _stop_for_signal(self) -> dict:
         self.save()
         why = self.stop_signal.received or "a signal on another rank"
@@ -270,12 +287,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _log(self, sums: dict, last: dict, n_steps: int, t_start: float, data_time: float,
-             lr: float) -> None:
+    def _log(self, sums: dict, last: dict, n_steps: int, n_good: int, t_start: float,
+             data_time: float, lr: float) -> None:
         """One all-reduce: loss terms and statistics averaged over ranks, skipped samples and
         shards summed. The interval's time runs from ``t_start`` (evaluation and checkpoint writing
         already left out) to now, once the reduce has waited for the device."""
-        means = {k: v / max(1, n_steps) for k, v in sums.items()}
+        means = {k: v / max(1, n_good) for k, v in sums.items()}
         means.update({k: v for k, v in last.items() if v is not None})
         skipped = self.loader.state.skipped_total()
         means["data_time_s"] = torch.tensor(data_time / max(1, n_steps), device=self.device)
@@ -290,7 +307,8 @@ class Trainer:
         step_time = (time.perf_counter() - t_start) / max(1, n_steps)
         per_device = self.global_batch / step_time / self.world_size
         tflops = per_device * self.flops_per_sample / 1e12
-        values.update({"lr": lr, "samples_per_s": per_device * self.world_size,
+        values.update({"lr": lr, "skipped_steps": self.guard.skipped,
+                       "samples_per_s": per_device * self.world_size,
                        "step_time_s": step_time, "tflops_per_device": tflops,
                        **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
                        **memory_figures(self.device)})
@@ -326,10 +344,10 @@ class Trainer:
         client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
                   "rng": checkpoint.rng_state(), "data": self.loader.state.state_dict(),
                   "world_size": self.world_size, "optimizer": self.optimizer_kind,
-                  "protected": list(self.protected),
+                  "protected": list(self.guard.protected), "skipped_steps": self.guard.skipped,
                   "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
                                self.cfg.train.keep_checkpoints, self.cfg, self.teacher,
-                               protect=self.protected)
+                               protect=self.guard.protected)
         self.log.text(f"saved checkpoint {path}")
         return path
