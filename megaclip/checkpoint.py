@@ -189,19 +189,68 @@ def check_optimizer(tag_dir: str, kind: str) -> None:
                         f"with (and make it load on this machine) to resume")
 
 
-def load(engine, tag_dir: str) -> dict:
+def saved_world_size(tag_dir: str) -> int:
+    """How many ranks wrote a checkpoint (its marker says; older ones: count the shard files)."""
+    ws = marker(tag_dir).get("world_size")
+    if ws:
+        return int(ws)
+    return len([f for f in os.listdir(tag_dir) if f.endswith("_optim_states.pt")]) or 1
+
+
+def _to_universal(tag_dir: str, scratch: str) -> str:
+    """DeepSpeed's universal checkpoint of ``tag_dir`` (per-parameter fp32 weights and optimiser
+    states, loadable at any world size), written by rank 0 under ``scratch``; returns its path."""
+    import subprocess
+    import sys
+    out = os.path.join(scratch, os.path.basename(tag_dir) + ".universal" + TMP_SUFFIX)
+    if world()[0] == 0:
+        os.makedirs(scratch, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                               "--input_folder", tag_dir, "--output_folder", out,
+                               "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(out, ignore_errors=True)
+            raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n"
+                               f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    barrier()
+    return out
+
+
+def load(engine, tag_dir: str, scratch: str) -> dict:
     """Restore model, optimiser and fp32 master shards; returns this rank's client state (read
-    with ``weights_only=True``: plain containers and tensors only)."""
-    root, tag = os.path.dirname(tag_dir), os.path.basename(tag_dir)
-    path, ds_client = engine.load_checkpoint(root, tag=tag, load_module_strict=True,
-                                             load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    with ``weights_only=True``: plain containers and tensors only). A checkpoint written at
+    another world size goes through DeepSpeed's universal format, converted under ``scratch``
+    (the run's own checkpoint folder; the source is only read), and every rank gets rank 0's
+    client state without its RNG."""
+    rank, ws = world()
+    saved_ws = saved_world_size(tag_dir)
+    source, universal = tag_dir, None
+    if saved_ws != ws:
+        source = universal = _to_universal(tag_dir, scratch)
+        engine._config.load_universal_checkpoint = True
+    try:
+        path, ds_client = engine.load_checkpoint(os.path.dirname(source),
+                                                 tag=os.path.basename(source),
+                                                 load_module_strict=True,
+                                                 load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    own = os.path.join(tag_dir, CLIENT_DIR, f"rank{world()[0]:05d}.pt")
-    if os.path.isfile(own):
-        return torch.load(own, map_location="cpu", weights_only=True)
-    return ds_client  # written before megaclip kept its client state apart
+    if universal is not None:
+        barrier()
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+    own = os.path.join(tag_dir, CLIENT_DIR, f"rank{rank if saved_ws == ws else 0:05d}.pt")
+    if not os.path.isfile(own):
+        return ds_client  # written before megaclip kept its client state apart
+    client = torch.load(own, map_location="cpu", weights_only=True)
+    if saved_ws != ws:
+        client.pop("rng", None)  # rank 0's generator state is not every rank's
+    return client
 
 
 # --------------------------------------------------------------------------- EMA teacher

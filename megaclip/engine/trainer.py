@@ -113,14 +113,15 @@ class Trainer:
         resume_dir = checkpoint.choose_resume(self.ckpt_root, resume)
         if resume_dir is not None:
             checkpoint.check_optimizer(resume_dir, self.optimizer_kind)
-            client = checkpoint.load(self.engine, resume_dir)
+            client = checkpoint.load(self.engine, resume_dir, self.ckpt_root)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
             self.guard = StepGuard(cfg.train.max_skipped_steps_in_a_row,
                                    client.get("skipped_steps", 0), client.get("protected", ()))
             self.objective.load_state_dict(client.get("objective", {}))
             if self.teacher is not None:
                 checkpoint.load_teacher(resume_dir, self.teacher)
-            checkpoint.set_rng_state(client["rng"])
+            if "rng" in client:
+                checkpoint.set_rng_state(client["rng"])
             data_state = client["data"]
             if self.rank == 0:  # newer checkpoints of this run: kept, out of the way
                 notes += [f"moved {p} aside: resuming from the older {resume_dir}"

@@ -1,0 +1,83 @@
+"""A checkpoint saved on N ranks continues on M: 2 -> 1 and 1 -> 2 with the maskclip objective
+(fp32 ZeRO-3, the same global batch). Right after the resume, the fp32 parameters, the Adam
+moments of every parameter and the EMA teacher are bit-identical to what was saved, and the data
+stream restarts with fresh seeds."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaclip.checkpoint import consolidate, consolidate_teacher
+from tests.conftest import ROOT, free_port
+
+
+def _command(ranks, synthetic, out, *extra):
+    if ranks == 1:
+        launch = [sys.executable, "-u"]
+    else:
+        launch = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus",
+                  str(ranks), "--master_port", str(free_port())]
+    return [*launch, "megaclip/train.py", "--deepspeed_config", "ds_configs/zero3_cpu.json",
+            "--config", "clip_tiny_synthetic",
+            f"data.train_shards={synthetic}/train/shard-{{000000..000003}}.tar",
+            f"data.tokenizer={synthetic}/spm.model", 'eval.shards=""', f"train.output_dir={out}",
+            f"train.micro_batch_size={16 // ranks}", "train.log_every=1", "data.workers=1",
+            "data.shuffle_buffer=16", "optim.warmup_steps=1", "objective.preset=maskclip",
+            "objective.mask_distill.prototypes=64", *extra]
+
+
+def _train(ranks, synthetic, out, *extra):
+    proc = subprocess.run(_command(ranks, synthetic, out, *extra), capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _adam_moments(tag_dir, scratch):
+    """Every parameter's fp32 weight and Adam moments, through DeepSpeed's universal format."""
+    out = str(scratch / os.path.basename(os.path.dirname(os.path.dirname(tag_dir))))
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder", tag_dir, "--output_folder", out, "--num_extract_workers",
+                    "1", "--num_merge_workers", "1"], check=True, capture_output=True)
+    states = {}
+    for name in os.listdir(os.path.join(out, "zero")):
+        folder = os.path.join(out, "zero", name)
+        if os.path.isdir(folder):
+            for f in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt"):
+                value = torch.load(os.path.join(folder, f), weights_only=False)
+                states[f"{name}/{f}"] = value["param"] if isinstance(value, dict) else value
+    return states
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() and len(a) > 20
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_at_another_world_size_keeps_every_state(tmp_path, synthetic):
+    two, one, back = tmp_path / "two", tmp_path / "one", tmp_path / "back"
+    _train(2, synthetic, two, "train.steps=2", "train.ckpt_every=2")
+    saved = str(two / "checkpoints" / "step00000002")
+
+    # 2 -> 1: loaded, then saved at once (train.steps is the step it resumes at).
+    log = _train(1, synthetic, one, "train.steps=2", "train.ckpt_every=3", "--resume", saved)
+    assert "resumed from step00000002 at step 2" in log
+    assert "it restarts with fresh seeds instead of replaying" in log
+    on_one = str(one / "checkpoints" / "step00000002")
+    _assert_same(consolidate(saved), consolidate(on_one))
+    _assert_same(consolidate_teacher(saved), consolidate_teacher(on_one))
+    moments = _adam_moments(saved, tmp_path / "u2")
+    _assert_same(moments, _adam_moments(on_one, tmp_path / "u1"))
+    assert not os.path.exists(two / "checkpoints" / "step00000002.universal.tmp")
+
+    # 1 -> 2, from the 1-rank copy.
+    _train(2, synthetic, back, "train.steps=2", "train.ckpt_every=3", "--resume", on_one)
+    on_two = str(back / "checkpoints" / "step00000002")
+    _assert_same(consolidate(saved), consolidate(on_two))
+    _assert_same(consolidate_teacher(saved), consolidate_teacher(on_two))
+    _assert_same(moments, _adam_moments(on_two, tmp_path / "u22"))
