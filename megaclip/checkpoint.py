@@ -227,6 +227,10 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
     rank, ws = world()
     saved_ws = saved_world_size(tag_dir)
     source, universal = tag_dir, None
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    # DeepSpeed's universal load gives every parameter group the hyperparameters of the first
+    # (weight decay included, so the no-decay group would be decayed); ours come from the config.
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
     if saved_ws != ws:
         source = universal = _to_universal(tag_dir, scratch)
         engine._config.load_universal_checkpoint = True
@@ -238,6 +242,12 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
                                                  load_lr_scheduler_states=False)
     finally:
         engine._config.load_universal_checkpoint = False
+    if universal is not None:
+        for group, kept in zip(inner.param_groups, groups):
+            group.update(kept)
+        for state in inner.state.values():  # it also shares one step tensor among the groups,
+            if torch.is_tensor(state.get("step")):  # which Adam then advances once per group
+                state["step"] = state["step"].clone()
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if universal is not None:

@@ -142,6 +142,7 @@ class DataConfig:
     workers: int = 4
     tokenizer: str = ""
     crop_scale: tuple = (0.5, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratios of the random crop
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
@@ -385,6 +386,8 @@ def validate(cfg: Config) -> None:
     check(len(cfg.optim.betas) == 2, "optim.betas must hold two numbers")
     check(len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
           f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(cfg.data.crop_scale)}")
+    check(len(cfg.data.crop_ratio) == 2 and 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1],
+          f"data.crop_ratio must be [lo, hi] with 0 < lo <= hi, got {list(cfg.data.crop_ratio)}")
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean and data.std need 3 values")
     for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         check(getattr(cfg.train, key) > 0, f"train.{key} must be positive")

@@ -6,10 +6,12 @@ from PIL import Image
 from torchvision.transforms import v2
 
 
-def train_transform(image_size: int, crop_scale: tuple, mean: tuple, std: tuple) -> v2.Compose:
+def train_transform(image_size: int, crop_scale: tuple, mean: tuple, std: tuple,
+                    crop_ratio: tuple = (3 / 4, 4 / 3)) -> v2.Compose:
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
+        v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+                             antialias=True),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
     ])

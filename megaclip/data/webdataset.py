@@ -64,7 +64,8 @@ class TrainStream(IterableDataset):
         # from logical stream ``rotate``, so loader worker i plays logical stream i + rotate.
         self.rotate = rotate
         self.seed = derive_seed(cfg.seed, stream_seed)
-        self.transform = train_transform(image_size, cfg.crop_scale, cfg.mean, cfg.std)
+        self.transform = train_transform(image_size, cfg.crop_scale, cfg.mean, cfg.std,
+                                         cfg.crop_ratio)
         self.status = status  # shared (shard, offset, time) per loader worker, or None
 
     def raw_samples(self, wid: int, nw: int, slot: int) -> BlockShuffle:
