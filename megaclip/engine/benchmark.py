@@ -61,6 +61,7 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
 
     for i in range(warmup):
         train_step(engine, objective, batch, teacher, i)
+        objective.end_step(True)
         if teacher is not None:
             teacher.update(0.996)
     sync()
@@ -69,6 +70,7 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     start = time.perf_counter()
     for i in range(steps):
         train_step(engine, objective, batch, teacher, warmup + i)
+        objective.end_step(True)
         if teacher is not None:
             teacher.update(0.996)
     sync()

@@ -125,6 +125,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
         terms = train_step(engine, objective, to_device(local, rank_device(), dtype),
                            teacher, step)
         losses.append({k: float(v) for k, v in terms.items()})
+        objective.end_step(True)
         with CollectiveCounter() as counter:
             teacher.update(MOMENTUM)
         update_calls += counter.calls
