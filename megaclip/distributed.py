@@ -159,6 +159,34 @@ def barrier() -> None:
             dist.barrier()
 
 
+def init_distributed(**kwargs) -> None:
+    """``deepspeed.init_distributed``, then drop the names of DeepSpeed's CPU shared memory.
+
+    With every rank on one node, DeepSpeed's CPU backend makes one 66 MB POSIX shared-memory
+    buffer per rank (``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``) and
+    never removes it: every run, and every killed run, leaves 66 MB per rank in /dev/shm (RAM)
+    until the machine reboots, and a node that runs many jobs on other ports runs out of memory.
+    DeepSpeed's init returns once this rank has mapped every other rank's buffer; after a barrier
+    that holds on every rank, so each rank unlinks its own name and the mappings live on until
+    the process exits, however it exits.
+    """
+    import deepspeed
+    deepspeed.init_distributed(**kwargs)
+    release_shared_memory_names()
+
+
+def release_shared_memory_names() -> None:
+    rank = world()[0]
+    barrier()
+    name = "/deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    try:
+        import _posixshmem
+        _posixshmem.shm_unlink(name)
+    except (ImportError, FileNotFoundError):  # no POSIX shm here, or no buffer (GPU, nodes > 1)
+        pass
+
+
 def default_env() -> None:
     """Let ``python megaclip/train.py`` run as a single process without a launcher: fill the
     torch.distributed env:// variables when no launcher (deepspeed, torchrun, srun) set them."""

@@ -21,6 +21,13 @@ def synthetic(tmp_path_factory):
     return out
 
 
+def shared_memory_buffers() -> set:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (66 MB of RAM each): a run, killed or not,
+    must leave none behind."""
+    import glob
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 def free_port() -> int:
     """A TCP port free right now, for a launcher's rendezvous (no clash with other runs)."""
     import socket

@@ -10,7 +10,7 @@ import torch
 
 from megaclip.config import load_config
 from megaclip.data.masks import Masking, batch_masks
-from megaclip.distributed import default_env, setup_device
+from megaclip.distributed import default_env, init_distributed, setup_device
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
 from megaclip.engine.metrics import memory_figures, peak_tflops
@@ -28,7 +28,7 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     default_env()
     device = setup_device()
     check_precision(ds_config, device)
-    deepspeed.init_distributed()
+    init_distributed()
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
     ds = merge_ds_config(ds_config, cfg.train, 1)
     dtype, stage = model_dtype(ds), zero_stage(ds)

@@ -18,7 +18,8 @@ from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.shards import shard_list
-from megaclip.distributed import all_reduce_sum, barrier, default_env, setup_device, world
+from megaclip.distributed import (all_reduce_sum, barrier, default_env, init_distributed,
+                                  setup_device, world)
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
 from megaclip.engine.guard import StepGuard, nan_injections, reduce_step_flags
@@ -70,7 +71,7 @@ class Trainer:
         check_precision(ds_config, self.device, ds_source)
         # Before the data workers fork, so they inherit the handler instead of dying of it.
         self.stop_signal = cluster.StopSignal(tuple(cfg.train.stop_signals))
-        deepspeed.init_distributed()
+        init_distributed()
         self.stop_after = stop_after
         self.rank, self.world_size = world()
         # Checked by rank 0 alone and shared: fail fast, before any rank builds a model.

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megaclip import checkpoint
 from megaclip.config import load_config
 from megaclip.data.masks import Masking, batch_masks
-from megaclip.distributed import rank_device, setup_device, world
+from megaclip.distributed import init_distributed, rank_device, setup_device, world
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
@@ -175,7 +175,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
 
 def main(out_dir: str, steps: int, stages: list[int]) -> None:
     setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
-    deepspeed.init_distributed()
+    init_distributed()
     for stage in stages:
         run_stage(stage, out_dir, steps)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from megaclip.checkpoint import complete_checkpoints
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shared_memory_buffers
 
 STEPS = 12
 
@@ -60,6 +60,7 @@ def _run_until(synthetic, out, moment):
 
 @pytest.mark.slow
 def test_kill_9_anywhere_resumes_from_the_newest_complete_checkpoint(tmp_path, synthetic):
+    shm_before = shared_memory_buffers()
     reference = subprocess.run(_command(synthetic, tmp_path / "reference"), capture_output=True,
                                text=True, cwd=ROOT, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -89,3 +90,5 @@ def test_kill_9_anywhere_resumes_from_the_newest_complete_checkpoint(tmp_path, s
         newest = found[-1][1] if found else None
     assert f"step {STEPS}/{STEPS} " in text and newest == f"step{STEPS:08d}"
     assert seen_steps == set(range(1, STEPS + 1))
+    # Killed or not, no run left its shared memory behind (66 MB of RAM each, until reboot).
+    assert shared_memory_buffers() <= shm_before

@@ -20,13 +20,12 @@ from tests.conftest import ROOT, run_tool, synthetic_overrides
 def process_group():
     """A one-rank gloo group for zero.Init, torn down with the environment it needed, so that
     later tests (and the processes they start) inherit neither."""
-    import deepspeed
     import torch.distributed as dist
-    from megaclip.distributed import default_env
+    from megaclip.distributed import default_env, init_distributed
     saved = dict(os.environ)
     default_env()
     try:
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed(dist_backend="gloo")
         yield
     finally:
         if dist.is_initialized():

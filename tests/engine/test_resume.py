@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megaclip.checkpoint import consolidate, consolidate_teacher
-from tests.conftest import ROOT, free_port, run_tool, synthetic_overrides
+from tests.conftest import ROOT, free_port, run_tool, shared_memory_buffers, synthetic_overrides
 
 
 def train(out, synthetic, *extra):
@@ -31,6 +31,7 @@ def train(out, synthetic, *extra):
 @pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
     a, b = tmp_path / "a", tmp_path / "b"
+    shm_before = shared_memory_buffers()
     log_a = train(a, synthetic, "train.peak_tflops=2.0")
     # Honest throughput: data wait, MFU against the given peak, an ETA from the first line on.
     first = next(line for line in log_a.splitlines() if line.startswith("step 1/6 "))
@@ -47,6 +48,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
     assert "stopping after step 3" in log_b1 and "final zero-shot" not in log_b1
     log_b2 = train(b, synthetic, "--resume", "auto")
     assert "resumed from step00000003 at step 3" in log_b2
+    assert shared_memory_buffers() <= shm_before  # the ranks' shared memory went with them
 
     # The logged losses of steps 4-6 and the final parameters are the same.
     def losses(log, steps):

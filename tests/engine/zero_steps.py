@@ -9,7 +9,7 @@ import deepspeed
 import torch
 
 from megaclip.config import load_config
-from megaclip.distributed import all_reduce_sum, rank_device, setup_device, world
+from megaclip.distributed import all_reduce_sum, init_distributed, rank_device, setup_device, world
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
@@ -30,7 +30,7 @@ def collectives_checked() -> bool:
 
 def main(ds_path: str, out: str, steps: int) -> None:
     setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
-    deepspeed.init_distributed()
+    init_distributed()
     rank, ws = world()
     cfg = load_config("clip_tiny_synthetic", [f"train.micro_batch_size={GLOBAL_BATCH // ws}",
                                               "model.grad_checkpointing=true",
