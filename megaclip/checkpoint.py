@@ -20,14 +20,17 @@ import torch
 import torch.distributed as dist
 
 from megaclip.config import save_resolved
-from megaclip.distributed import barrier, world
-from megaclip.errors import UserError
+from megaclip.distributed import barrier, on_rank0, world
+from megaclip.errors import FatalError, UserError
 
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
 CLIENT_DIR = "client"
 TMP_SUFFIX = ".tmp"
+_REPLACED = ".replaced"  # a complete checkpoint a save of the same step is replacing
+_DELETE = ".delete"  # a checkpoint retention is removing
 _TAG = re.compile(r"^step(\d+)$")
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d{5})\.pt$")
 
 
 def tag_for(step: int) -> str:
@@ -79,91 +82,140 @@ def _fsync_dir(path: str) -> None:
 
 
 def clean_interrupted(root: str) -> list[str]:
-    """Remove what interrupted writes left under ``root`` (``*.tmp`` directories, checkpoint
-    directories without a marker); returns their names. Rank 0 only, before anything else."""
+    """Finish or undo what interrupted writes left under ``root``; returns what it did, one line
+    each. A ``<tag>.tmp`` with its marker was complete but not yet renamed: it becomes ``<tag>``
+    (unless that exists). One without is removed, as are ``<tag>.replaced`` (the copy a save of
+    the same step was replacing: put back if the new one never arrived) and ``<tag>.delete``
+    (retention's). A ``<tag>`` directory without a marker is left alone and named: megaclip
+    never writes one. Rank 0 only (``on_rank0``), before anything else."""
     if not os.path.isdir(root):
         return []
-    removed = []
+    done = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        stale = name.endswith(TMP_SUFFIX) or (_TAG.match(name) and
-                                              not os.path.isfile(os.path.join(path, MARKER)))
-        if stale and os.path.isdir(path):
+        if not os.path.isdir(path):
+            continue
+        base = name.rsplit(".", 1)[0]
+        if name.endswith(TMP_SUFFIX) and _TAG.match(base) and \
+                os.path.isfile(os.path.join(path, MARKER)) and \
+                not os.path.exists(os.path.join(root, base)):
+            os.rename(path, os.path.join(root, base))
+            done.append(f"completed {base}: its write had finished, only its rename had not")
+        elif name.endswith(TMP_SUFFIX) or name.endswith(_DELETE):
             shutil.rmtree(path)
-            removed.append(name)
-    return removed
+            done.append(f"removed {name}, left by an interrupted checkpoint write")
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(_REPLACED) and os.path.isdir(path):
+            base = name[:-len(_REPLACED)]
+            if os.path.isfile(os.path.join(root, base, MARKER)):
+                shutil.rmtree(path)
+            else:
+                os.rename(path, os.path.join(root, base))
+                done.append(f"restored {base}: the save that was replacing it was interrupted")
+        elif _TAG.match(name) and not os.path.isfile(os.path.join(path, MARKER)):
+            done.append(f"ignored {name}: no {MARKER} marker, not a checkpoint megaclip wrote")
+    _fsync_dir(root)
+    return done
 
 
 def move_aside(root: str, after_step: int) -> list[str]:
     """Move the complete checkpoints of ``root`` newer than ``after_step`` into
-    ``root/aside-<time>/`` (a resume from an older one must neither overwrite nor delete them);
-    returns where they went."""
+    ``root/aside-<time>[-n]/`` (a resume from an older one must neither overwrite nor delete
+    them); returns where they went."""
     newer = [tag for step, tag in complete_checkpoints(root) if step > after_step]
     if not newer:
         return []
-    aside = os.path.join(root, time.strftime("aside-%Y%m%d-%H%M%S"))
-    os.makedirs(aside, exist_ok=True)
+    stem = os.path.join(root, time.strftime("aside-%Y%m%d-%H%M%S"))
+    aside, n = stem, 1
+    while os.path.exists(aside):
+        aside, n = f"{stem}-{n}", n + 1
+    os.makedirs(aside)
     for tag in newer:
         os.rename(os.path.join(root, tag), os.path.join(aside, tag))
     _fsync_dir(root)
     return [os.path.join(aside, tag) for tag in newer]
 
 
+def _fsync_files(folder: str, mine) -> None:
+    """fsync the files under ``folder`` whose names ``mine(name)`` selects."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            if mine(name):
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+def _rank_of_file(name: str) -> Optional[int]:
+    """The rank that wrote a checkpoint file: DeepSpeed's ``*zero_pp_rank_R_*``, megaclip's
+    ``rankRRRRR.pt``; None for the rest (rank 0's)."""
+    m = _RANK_FILE.search(name)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def _finish_save(root: str, tag: str, step: int, client_state: dict, keep: int, cfg,
+                 protect: tuple) -> None:
+    """Rank 0, once every rank's files are written and fsynced: the marker, the rename (a save
+    of a step already saved moves the old copy out of the way first, so one of the two is always
+    there), then retention (each old checkpoint renamed before it is removed)."""
+    tmp, final = os.path.join(root, tag + TMP_SUFFIX), os.path.join(root, tag)
+    if cfg is not None:
+        save_resolved(cfg, os.path.join(tmp, CONFIG_FILE))
+    _fsync_files(tmp, lambda name: _rank_of_file(name) is None)
+    for dirpath, _, _ in os.walk(tmp):
+        _fsync_dir(dirpath)
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"step": step, "optimizer": client_state.get("optimizer"),
+                   "world_size": world()[1]}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    replaced = final + _REPLACED
+    if os.path.isdir(final):  # the same step saved twice (a stop right after a save)
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if os.path.isdir(replaced):
+        shutil.rmtree(replaced)
+    old = complete_checkpoints(root)[:-keep] if keep > 0 else []
+    for _, name in old:
+        if name not in protect:
+            gone = os.path.join(root, name + _DELETE)
+            os.rename(os.path.join(root, name), gone)
+            shutil.rmtree(gone, ignore_errors=True)
+    _fsync_dir(root)
+
+
 def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None,
          teacher=None, protect: tuple = ()) -> str:
-    """Write on every rank under ``<tag>.tmp``, then mark complete and rename (rank 0). Keeps the
-    ``keep`` newest complete checkpoints, and those named in ``protect`` whatever their age."""
+    """Write on every rank under ``<tag>.tmp`` (each rank fsyncs its own files), then mark
+    complete and rename (rank 0). Keeps the ``keep`` newest complete checkpoints, and those
+    named in ``protect`` whatever their age."""
     rank = world()[0]
     tag = tag_for(step)
-    tmp, final = os.path.join(root, tag + TMP_SUFFIX), os.path.join(root, tag)
+    tmp = os.path.join(root, tag + TMP_SUFFIX)
     engine.save_checkpoint(root, tag=tag + TMP_SUFFIX, client_state={}, save_latest=False)
     os.makedirs(os.path.join(tmp, CLIENT_DIR), exist_ok=True)
     torch.save(client_state, os.path.join(tmp, CLIENT_DIR, f"rank{rank:05d}.pt"))
     if teacher is not None:
         save_teacher(tmp, teacher)
-    barrier()  # every rank's files are written
-    if rank == 0:
-        if cfg is not None:
-            save_resolved(cfg, os.path.join(tmp, CONFIG_FILE))
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"step": step, "optimizer": client_state.get("optimizer"),
-                       "world_size": world()[1]}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):  # the same step saved twice (a stop right after a save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        old = complete_checkpoints(root)[:-keep] if keep > 0 else []
-        for _, name in old:
-            if name not in protect:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    barrier()
-    return final
+    _fsync_files(tmp, lambda name: _rank_of_file(name) == rank)
+    barrier()  # every rank's files are written and on disk
+    on_rank0(_finish_save, root, tag, step, client_state, keep, cfg, tuple(protect))
+    return os.path.join(root, tag)
 
 
 def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint directory to resume from, chosen by rank 0 (``auto``: the newest complete
     one under ``root``; or the path given) and checked by every rank: one that does not see it
-    complete, or sees another step, is an error naming the ranks."""
-    if resume in (None, "", "none"):
-        return None
+    complete, or sees another step, is an error naming the ranks. Without ``--resume``, a
+    ``root`` that already holds checkpoints is an error: a fresh run would overwrite them or
+    let retention delete them."""
     rank, ws = world()
-    box: list = [None]
-    if rank == 0:
-        if resume == "auto":
-            tag = latest_checkpoint(root)
-            box[0] = ("ok", os.path.join(root, tag) if tag else None)
-        else:
-            path = os.path.abspath(resume.rstrip("/"))
-            box[0] = (("ok", path) if os.path.isfile(os.path.join(path, MARKER)) else
-                      ("error", f"--resume {resume}: not a complete megaclip checkpoint "
-                                f"directory (no {MARKER} marker)"))
-    if ws > 1:
-        dist.broadcast_object_list(box, src=0)
-    kind, path = box[0]
-    if kind == "error":
-        raise UserError(path)
+    path = on_rank0(_pick_resume, root, resume)
     if path is None:
         return None
     seen = marker(path)["step"] if os.path.isfile(os.path.join(path, MARKER)) else None
@@ -176,6 +228,24 @@ def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
         raise UserError(f"rank 0 chose {path} (step {views[0]}) to resume from, but ranks "
                         f"{blind} see {[views[r] for r in blind]}: is the checkpoint folder on a "
                         f"file system every node shares, and up to date?")
+    return path
+
+
+def _pick_resume(root: str, resume: Optional[str]) -> Optional[str]:
+    if resume in (None, "", "none"):
+        tag = latest_checkpoint(root)
+        if tag:
+            raise UserError(f"{root} already holds checkpoints (newest: {tag}); continue that "
+                            f"run with --resume auto (or --resume {os.path.join(root, tag)}), or "
+                            f"give this one another train.output_dir")
+        return None
+    if resume == "auto":
+        tag = latest_checkpoint(root)
+        return os.path.join(root, tag) if tag else None
+    path = os.path.abspath(resume.rstrip("/"))
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise UserError(f"--resume {resume}: not a complete megaclip checkpoint directory "
+                        f"(no {MARKER} marker)")
     return path
 
 
@@ -199,22 +269,26 @@ def saved_world_size(tag_dir: str) -> int:
 
 def _to_universal(tag_dir: str, scratch: str) -> str:
     """DeepSpeed's universal checkpoint of ``tag_dir`` (per-parameter fp32 weights and optimiser
-    states, loadable at any world size), written by rank 0 under ``scratch``; returns its path."""
+    states, loadable at any world size), written by rank 0 under ``scratch`` and shared (a
+    failure is every rank's error); returns its path."""
+    out = os.path.join(scratch, os.path.basename(tag_dir) + ".universal" + TMP_SUFFIX)
+    return on_rank0(_convert_universal, tag_dir, scratch, out)
+
+
+def _convert_universal(tag_dir: str, scratch: str, out: str) -> str:
     import subprocess
     import sys
-    out = os.path.join(scratch, os.path.basename(tag_dir) + ".universal" + TMP_SUFFIX)
-    if world()[0] == 0:
-        os.makedirs(scratch, exist_ok=True)
+    os.makedirs(scratch, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", tag_dir, "--output_folder", out,
+                           "--num_extract_workers", workers, "--num_merge_workers", workers],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                               "--input_folder", tag_dir, "--output_folder", out,
-                               "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            shutil.rmtree(out, ignore_errors=True)
-            raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n"
-                               f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    barrier()
+        raise FatalError(f"converting {tag_dir} to a universal checkpoint (to resume at another "
+                         f"world size) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return out
 
 
@@ -245,9 +319,7 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
     if universal is not None:
         for group, kept in zip(inner.param_groups, groups):
             group.update(kept)
-        for state in inner.state.values():  # it also shares one step tensor among the groups,
-            if torch.is_tensor(state.get("step")):  # which Adam then advances once per group
-                state["step"] = state["step"].clone()
+        _own_step_tensors(inner)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if universal is not None:
@@ -261,6 +333,19 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
     if saved_ws != ws:
         client.pop("rng", None)  # rank 0's generator state is not every rank's
     return client
+
+
+def _own_step_tensors(optimizer) -> None:
+    """After DeepSpeed's universal load: every Adam state gets its own ``step`` tensor (DeepSpeed
+    shares one among the groups, which Adam advances once per group), where torch's Adam would
+    have made it: on the parameter's device for the fused and capturable kernels (fused AdamW
+    on CUDA refuses a host step), else on the host."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for param, state in optimizer.state.items():
+        if torch.is_tensor(state.get("step")):
+            step = state["step"].detach().clone()
+            state["step"] = (step.to(param.device, torch.float32) if on_device and
+                             torch.is_tensor(param) else step)
 
 
 # --------------------------------------------------------------------------- EMA teacher

@@ -14,7 +14,7 @@ import socket
 import subprocess
 from typing import Optional
 
-from megaclip.errors import FatalError
+from megaclip.errors import FatalError, UserError
 
 _RANGE = re.compile(r"^(?P<prefix>[^\[,]+)\[(?P<body>[^\]]+)\]")
 
@@ -76,20 +76,55 @@ def host_description() -> str:
     return f"{name} ({addr})"
 
 
+def signal_numbers(names) -> list[int]:
+    """Signal names (``SIGTERM``) as numbers; an unknown name is a ``UserError``."""
+    out = []
+    for name in names:
+        sig = getattr(signal, str(name), None)
+        if not str(name).startswith("SIG") or not isinstance(sig, signal.Signals):
+            raise UserError(f"unknown signal {name!r}; e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
+        out.append(sig)
+    return out
+
+
 class StopSignal:
     """Remembers that one of ``signals`` arrived (e.g. Slurm's warning before the time limit, or
     ``scancel --signal=USR1``); the trainer checks it at step boundaries."""
 
     def __init__(self, names: tuple = ("SIGTERM", "SIGUSR1")):
-        self.received: Optional[str] = None
-        for name in names:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                raise ValueError(f"unknown signal {name}")
+        self.received: Optional[str] = None  # the latest
+        self.seen: set[str] = set()
+        for sig in signal_numbers(names):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        self.seen.add(self.received)
+
+    def asks_requeue(self, requeue_signals) -> bool:
+        """Only requeue signals arrived (a SIGTERM from scancel as well means: do not)."""
+        return bool(self.seen) and self.seen <= set(requeue_signals)
+
+
+class WorkerSignals:
+    """A data-loader worker's ``worker_init_fn``: the stop signals do not kill it.
+
+    Slurm sends pre-emption's and ``scancel``'s SIGTERM to every process of the job, data-loader
+    workers included, and torch makes a worker die of a SIGTERM that its parent did not send; the
+    main process would then fail on its next batch instead of checkpointing. A worker ignores the
+    stop signals until its main process sets ``closing`` (``TrainLoader.close``, or at exit),
+    then leaves on them, as torch's shutdown expects."""
+
+    def __init__(self, names: tuple, closing):
+        self.numbers, self.closing = signal_numbers(names), closing
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.numbers:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.closing.value:
+            os._exit(0)
 
 
 def requeue() -> str:

@@ -192,13 +192,15 @@ class TrainConfig:
     output_dir: str = "runs/megaclip"
     log_every: int = 10
     ckpt_every: int = 1000
-    keep_checkpoints: int = 3  # the newest checkpoint before skipped steps is kept as well
+    keep_checkpoints: int = 3  # 0: all; the newest one before skipped steps is kept as well
     max_skipped_steps_in_a_row: int = 10  # non-finite steps in a row, then the run stops
     tensorboard: bool = True
-    # On any of these signals: checkpoint at the next step boundary, then (under Slurm, with
-    # requeue_on_stop) requeue the job, which resumes from that checkpoint.
+    # On any of these signals: checkpoint at the next step boundary and exit. After one of
+    # requeue_signals (Slurm's warning before the time limit, --signal=USR1@300) a Slurm job also
+    # requeues itself and resumes from that checkpoint; SIGTERM (scancel, pre-emption, where
+    # Slurm requeues by itself) only checkpoints. requeue_signals=[]: never requeue.
     stop_signals: tuple = ("SIGTERM", "SIGUSR1")
-    requeue_on_stop: bool = True
+    requeue_signals: tuple = ("SIGUSR1",)
     # Peak TFLOP/s of one device for the logged MFU; 0: look the GPU up (bf16 on known GPUs).
     peak_tflops: float = 0.0
 
@@ -392,6 +394,14 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
         check(getattr(cfg.train, key) > 0, f"train.{key} must be positive")
     check(cfg.train.ckpt_every >= 0, "train.ckpt_every must be >= 0 (0: no periodic checkpoints)")
+    check(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0: keep all)")
+    check(cfg.train.max_skipped_steps_in_a_row >= 1,
+          "train.max_skipped_steps_in_a_row must be >= 1")
+    from megaclip.cluster import signal_numbers
+    signal_numbers(cfg.train.stop_signals)  # a UserError naming an unknown signal
+    check(set(cfg.train.requeue_signals) <= set(cfg.train.stop_signals),
+          f"train.requeue_signals {list(cfg.train.requeue_signals)} must be among "
+          f"train.stop_signals {list(cfg.train.stop_signals)}")
     check(cfg.data.workers >= 0, "data.workers must be >= 0")
     check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
     check(0 <= cfg.data.max_bad_shard_fraction <= 1, "data.max_bad_shard_fraction must be in [0, 1]")

@@ -187,6 +187,32 @@ def release_shared_memory_names() -> None:
         pass
 
 
+def on_rank0(fn, *args, **kwargs):
+    """``fn`` run by rank 0 alone, its result (or its error) shared with every rank.
+
+    Work only rank 0 does (file-system housekeeping, a conversion) must not leave the others
+    waiting in a collective when it fails: every rank raises the same error, of the same class
+    where it is megaclip's own (``UserError``, ``FatalError``), else a ``RuntimeError``."""
+    from megaclip.errors import FatalError, UserError
+    rank, ws = world()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn(*args, **kwargs))
+        except Exception as e:  # shared, then raised on rank 0 as it was
+            if ws > 1:
+                box[0] = ("error", type(e).__name__, str(e))
+                dist.broadcast_object_list(box, src=0)
+            raise
+    if ws > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "ok":
+        return box[0][1]
+    kind, message = box[0][1], box[0][2]
+    cls = {"UserError": UserError, "FatalError": FatalError}.get(kind, RuntimeError)
+    raise cls(message if cls is not RuntimeError else f"on rank 0: {kind}: {message}")
+
+
 def default_env() -> None:
     """Let ``python megaclip/train.py`` run as a single process without a launcher: fill the
     torch.distributed env:// variables when no launcher (deepspeed, torchrun, srun) set them."""

@@ -51,8 +51,12 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     ds = load_ds_config(args.deepspeed_config)
     from megaclip.engine.trainer import Trainer
-    Trainer(cfg, ds, args.resume, ds_source=args.deepspeed_config,
-            stop_after=args.stop_after_steps).fit()
+    trainer = Trainer(cfg, ds, args.resume, ds_source=args.deepspeed_config,
+                      stop_after=args.stop_after_steps)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
     return 0
 
 

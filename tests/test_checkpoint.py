@@ -1,10 +1,13 @@
-"""A checkpoint names the optimiser class whose state it holds; resuming with another is refused
-before DeepSpeed loads a state it cannot use."""
+"""Checkpoint folders without DeepSpeed: the optimiser class a checkpoint names, what interrupted
+writes leave and how it is finished or removed, folders moved aside, and the choice of the resume
+checkpoint at world size 2 (rank 0 chooses; its errors reach every rank)."""
 import json
+import os
 
 import pytest
 
-from megaclip.checkpoint import MARKER, check_optimizer
+from megaclip.checkpoint import (MARKER, check_optimizer, clean_interrupted,
+                                 complete_checkpoints, move_aside)
 from megaclip.errors import UserError
 
 
@@ -20,7 +23,49 @@ def test_resume_with_another_optimizer_class_is_refused(tmp_path):
     check_optimizer(str(tmp_path / "step00000010"), "torch.optim.adamw.AdamW")
 
 
-def _choose(rank, port, root, hidden_on, results):
+def _checkpoint(folder, step, marker=True):
+    folder.mkdir(parents=True)
+    (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"w%d" % step)
+    if marker:
+        (folder / MARKER).write_text(json.dumps({"step": step}))
+
+
+def test_what_interrupted_writes_left_is_finished_or_removed_never_guessed(tmp_path):
+    _checkpoint(tmp_path / "step00000002", 2)
+    _checkpoint(tmp_path / "step00000004.tmp", 4)  # marker written, rename missing: finish it
+    _checkpoint(tmp_path / "step00000006.tmp", 6, marker=False)  # half written: remove it
+    _checkpoint(tmp_path / "step00000002.replaced", 1)  # old copy of a finished replacement
+    _checkpoint(tmp_path / "step00000008.replaced", 8)  # the replacement never arrived
+    _checkpoint(tmp_path / "step00000001.delete", 1)  # retention was removing it
+    _checkpoint(tmp_path / "step00000010", 10, marker=False)  # not written by megaclip
+    done = clean_interrupted(str(tmp_path))
+    assert done == [
+        "removed step00000001.delete, left by an interrupted checkpoint write",
+        "completed step00000004: its write had finished, only its rename had not",
+        "removed step00000006.tmp, left by an interrupted checkpoint write",
+        "restored step00000008: the save that was replacing it was interrupted",
+        "ignored step00000010: no COMPLETE marker, not a checkpoint megaclip wrote"]
+    assert sorted(os.listdir(tmp_path)) == ["step00000002", "step00000004", "step00000008",
+                                            "step00000010"]
+    assert (tmp_path / "step00000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+            ).read_bytes() == b"w2"  # the newer copy won
+    assert [t for _, t in complete_checkpoints(str(tmp_path))] == [
+        "step00000002", "step00000004", "step00000008"]
+    assert clean_interrupted(str(tmp_path)) == [
+        "ignored step00000010: no COMPLETE marker, not a checkpoint megaclip wrote"]
+
+
+def test_moving_aside_twice_in_one_second_keeps_both(tmp_path):
+    for step in (2, 4, 6):
+        _checkpoint(tmp_path / f"step{step:08d}", step)
+    first = move_aside(str(tmp_path), 4)
+    _checkpoint(tmp_path / "step00000006", 6)
+    second = move_aside(str(tmp_path), 4)
+    assert len(first) == len(second) == 1 and os.path.dirname(first[0]) != os.path.dirname(second[0])
+    assert all(os.path.isfile(os.path.join(p, MARKER)) for p in first + second)
+
+
+def _choose(rank, port, root, hidden_on, results, resume="auto"):
     import os
 
     import torch.distributed as dist
@@ -32,7 +77,7 @@ def _choose(rank, port, root, hidden_on, results):
     if rank == hidden_on:  # this rank's view of the file system lags: no marker yet
         os.path.isfile = lambda p: False if p.endswith(MARKER) else real(p)
     try:
-        results[rank] = ("ok", choose_resume(root, "auto"))
+        results[rank] = ("ok", choose_resume(root, resume))
     except UserError as e:
         results[rank] = ("error", str(e))
     finally:
@@ -59,3 +104,22 @@ def test_rank_0_chooses_the_checkpoint_and_every_rank_checks_it_sees_it(tmp_path
         else:
             assert results[0][1] == results[1][1]
             assert "ranks [1] see [None]" in results[1][1] and "step00000004" in results[1][1]
+
+
+@pytest.mark.distributed
+def test_rank_0s_refusal_reaches_every_rank(tmp_path):
+    """A fresh start (no --resume) in a folder that holds checkpoints, or a --resume path that is
+    not a checkpoint: rank 0 finds out, every rank raises the same error instead of waiting."""
+    import torch.multiprocessing as tmp
+
+    from tests.conftest import free_port
+    (tmp_path / "step00000002").mkdir()
+    (tmp_path / "step00000002" / MARKER).write_text(json.dumps({"step": 2}))
+    for resume, message in ((None, "already holds checkpoints (newest: step00000002); continue"),
+                            (str(tmp_path / "nope"), "not a complete megaclip checkpoint")):
+        with tmp.Manager() as manager:
+            results = manager.dict()
+            tmp.spawn(_choose, args=(free_port(), str(tmp_path), None, results, resume), nprocs=2)
+            results = dict(results)
+        assert results[0] == results[1] and results[0][0] == "error", results
+        assert message in results[0][1]

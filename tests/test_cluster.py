@@ -1,11 +1,14 @@
 """Slurm variables -> torch.distributed env://, the stop signals, and a requeue that fails."""
 import os
 import signal
+import time
 
 import pytest
+import torch
 
-from megaclip.cluster import StopSignal, first_host, requeue, slurm_env, tasks_per_node
-from megaclip.errors import FatalError
+from megaclip.cluster import (StopSignal, WorkerSignals, first_host, requeue, slurm_env,
+                              tasks_per_node)
+from megaclip.errors import FatalError, UserError
 
 
 @pytest.mark.parametrize("nodelist,first", [
@@ -59,3 +62,53 @@ def test_sigterm_and_sigusr1_stop_by_default():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_an_unknown_stop_signal_is_a_user_error():
+    with pytest.raises(UserError, match="unknown signal 'SIGFOO'"):
+        StopSignal(("SIGFOO",))
+    with pytest.raises(UserError, match="unknown signal 'SIG_IGN'"):
+        StopSignal(("SIG_IGN",))
+
+
+def test_only_requeue_signals_ask_for_a_requeue():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopSignal()
+        assert not stop.asks_requeue(("SIGUSR1",))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.asks_requeue(("SIGUSR1",)) and not stop.asks_requeue(())
+        os.kill(os.getpid(), signal.SIGTERM)  # scancel after the time-limit warning: no requeue
+        assert not stop.asks_requeue(("SIGUSR1",))
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+class _Forever(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.tensor(os.getpid())
+
+
+def test_data_workers_outlive_a_stop_signal_until_the_loader_closes():
+    """torch makes a worker die of a SIGTERM its parent did not send (Slurm's, sent to every
+    process of the job); with WorkerSignals it goes on, and leaves once closing is set."""
+    import multiprocessing as mp
+    closing = mp.Value("b", 0, lock=False)
+    loader = torch.utils.data.DataLoader(_Forever(), batch_size=None, num_workers=1,
+                                         worker_init_fn=WorkerSignals(("SIGTERM",), closing),
+                                         timeout=60)
+    it = iter(loader)
+    pid = int(next(it))
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    for _ in range(5):
+        assert int(next(it)) == pid  # still there, still delivering
+    closing.value = 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 30
+    while it._workers[0].is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not it._workers[0].is_alive()
+    it._shutdown_workers()

@@ -46,3 +46,14 @@ def test_deepspeed_json_contradiction_is_an_error():
 
 def test_exponent_without_dot_is_a_number():
     assert load_config("clip_tiny_synthetic", ["optim.lr=3e-3"]).optim.lr == 0.003
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stop_signals=[SIGTERM,SIGBOGUS]", "unknown signal 'SIGBOGUS'"),
+    ("train.requeue_signals=[SIGUSR2]", r"train.requeue_signals \['SIGUSR2'\] must be among"),
+    ("train.max_skipped_steps_in_a_row=0", "max_skipped_steps_in_a_row must be >= 1"),
+    ("train.keep_checkpoints=-1", "keep_checkpoints must be >= 0"),
+])
+def test_run_safety_settings_are_checked(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("clip_tiny_synthetic", [override])

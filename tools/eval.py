@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
-from megaclip.errors import run_cli
+if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaclip.errors import run_cli  # noqa: E402
 
 EXAMPLE = """example:
   python tools/eval.py --checkpoint runs/demo/checkpoints/step00000400

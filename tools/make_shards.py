@@ -7,13 +7,18 @@ oversized image, or an empty caption, are skipped and summarised at the end.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections import Counter
 
 from tqdm import tqdm
 
-from megaclip.data.ingest import folder_samples, read_captions
-from megaclip.data.writer import shard_pattern, write_shards
-from megaclip.errors import UserError, run_cli
+if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaclip.data.ingest import folder_samples, read_captions  # noqa: E402
+from megaclip.data.writer import shard_pattern, write_shards  # noqa: E402
+from megaclip.errors import UserError, run_cli  # noqa: E402
 
 EXAMPLE = """example:
   python tools/make_shards.py --images photos/ --captions captions.csv --out shards/ \\

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from tqdm import tqdm
 
-from megaclip.data import synthetic
-from megaclip.data.writer import shard_pattern, write_shards
-from megaclip.errors import UserError, run_cli
+if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaclip.data import synthetic  # noqa: E402
+from megaclip.data.writer import shard_pattern, write_shards  # noqa: E402
+from megaclip.errors import UserError, run_cli  # noqa: E402
 
 EXAMPLE = """example:
   python tools/make_synthetic.py --out data/synthetic --train-samples 20000 --eval-per-class 10

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import sys
 from typing import Iterator
 
 from tqdm import tqdm
 
-from megaclip.data.decode import BadSample, decode_caption
-from megaclip.data.shards import expand_shards, iter_shard
-from megaclip.data.tokenizer import train_sentencepiece
-from megaclip.errors import UserError, run_cli
+if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaclip.data.decode import BadSample, decode_caption  # noqa: E402
+from megaclip.data.shards import expand_shards, iter_shard  # noqa: E402
+from megaclip.data.tokenizer import train_sentencepiece  # noqa: E402
+from megaclip.errors import UserError, run_cli  # noqa: E402
 
 EXAMPLE = """examples:
   python tools/train_tokenizer.py --shards 'data/synthetic/train/shard-{000000..000019}.tar' \\

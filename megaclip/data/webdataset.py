@@ -13,6 +13,7 @@ reported with the shard each worker was reading.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import multiprocessing as mp
@@ -23,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megaclip.cluster import WorkerSignals
 from megaclip.config import DataConfig
 from megaclip.data.decode import BAD_KINDS, BadSample, BadSampleLog, decode_caption, decode_image
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
@@ -186,8 +188,20 @@ class TrainLoader:
     reports is raised here, and a loader that delivers nothing for ``data.loader_timeout_s`` is
     reported with the shard each worker was reading."""
 
-    def __init__(self, loader: DataLoader, state: StreamState, urls: list[str], status):
+    def __init__(self, loader: DataLoader, state: StreamState, urls: list[str], status,
+                 closing=None):
         self.loader, self.state, self.urls, self.status = loader, state, urls, status
+        self.closing = closing  # set: the workers may leave on a stop signal (WorkerSignals)
+        if closing is not None:  # runs before multiprocessing's own exit handler terminates them
+            atexit.register(_set_flag, closing)
+
+    def close(self) -> None:
+        """Shut the workers down now (they ignore the stop signals until this is called)."""
+        if self.closing is not None:
+            self.closing.value = 1
+        it = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def __iter__(self) -> Iterator[dict]:
         it = iter(self.loader)
@@ -215,14 +229,20 @@ class TrainLoader:
                 + "; ".join(lines))
 
 
+def _set_flag(flag) -> None:
+    flag.value = 1
+
+
 def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                        rank: int, world_size: int, state: Optional[dict] = None,
                        restart_seed: int = 0, masking: Optional[Masking] = None,
-                       urls: Optional[list[str]] = None) -> TrainLoader:
+                       urls: Optional[list[str]] = None,
+                       stop_signals: tuple = ()) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
-    restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the shard list, if already
-    expanded (by ``shard_list``)."""
+    restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
+    shard list, if already expanded (by ``shard_list``). ``stop_signals``: the signals the main
+    process handles; the workers do not die of them (``WorkerSignals``)."""
     workers = cfg.workers
     urls = urls if urls is not None else shard_list(cfg.train_shards)
     # What a saved position means depends on all of these; if one changed, replaying would
@@ -247,7 +267,9 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,
                      status=status)
+    closing = mp.Value("b", 0, lock=False) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                        timeout=cfg.loader_timeout_s if workers > 0 else 0)
-    return TrainLoader(loader, kept, urls, status)
+                        timeout=cfg.loader_timeout_s if workers > 0 else 0,
+                        worker_init_fn=WorkerSignals(stop_signals, closing) if workers > 0 else None)
+    return TrainLoader(loader, kept, urls, status, closing)

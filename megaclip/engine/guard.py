@@ -31,9 +31,19 @@ class StepGuard:
     """Counts skipped steps; ``protected`` is the newest checkpoint saved before the current run
     of skipped steps began, which retention must keep."""
 
-    def __init__(self, max_in_a_row: int, skipped: int = 0, protected: tuple = ()):
-        self.max_in_a_row, self.skipped, self.in_a_row = max_in_a_row, skipped, 0
+    def __init__(self, max_in_a_row: int, skipped: int = 0, protected: tuple = (),
+                 in_a_row: int = 0):
+        self.max_in_a_row, self.skipped, self.in_a_row = max_in_a_row, skipped, in_a_row
         self.protected = tuple(protected)
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped, "protected": list(self.protected),
+                "skipped_in_a_row": self.in_a_row}
+
+    @classmethod
+    def from_state(cls, max_in_a_row: int, state: dict) -> "StepGuard":
+        return cls(max_in_a_row, state.get("skipped_steps", 0), state.get("protected", ()),
+                   state.get("skipped_in_a_row", 0))
 
     @staticmethod
     def local_flags(terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -71,6 +71,14 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
+def poison_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` whose gradients are all NaN if it is not finite (no host sync). A non-finite loss
+    can have finite gradients (an infinite term that does not depend on the parameters, a
+    weight times an infinite statistic); poisoned, its step is one DeepSpeed's gradient-norm
+    check discards on every rank, like any other non-finite step."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
+
+
 def train_step(engine, objective: Objective, batch: dict, teacher=None,
                step: int = 0) -> dict[str, torch.Tensor]:
     """One micro-batch through the DeepSpeed engine; the engine decides when the optimiser steps
@@ -78,7 +86,7 @@ def train_step(engine, objective: Objective, batch: dict, teacher=None,
     teacher_logits = teacher(batch["images"]) if teacher is not None else None
     outputs = engine(**batch)
     terms, stats = objective(outputs, batch, teacher_logits, step)
-    loss = objective.total(terms)
+    loss = poison_if_not_finite(objective.total(terms))
     engine.backward(loss)
     engine.step()
     logged = {k: v.detach() for k, v in {**terms, **stats}.items()}

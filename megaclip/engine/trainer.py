@@ -18,8 +18,8 @@ from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import Masking
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.shards import shard_list
-from megaclip.distributed import (all_reduce_sum, barrier, default_env, init_distributed,
-                                  setup_device, world)
+from megaclip.distributed import (all_reduce_sum, default_env, init_distributed,
+                                  on_rank0, setup_device, world)
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.flops import train_flops_per_sample
 from megaclip.engine.guard import StepGuard, nan_injections, reduce_step_flags
@@ -107,31 +107,27 @@ class Trainer:
         self.guard = StepGuard(cfg.train.max_skipped_steps_in_a_row)
         self.inject_nan = nan_injections()  # test hook: empty unless MEGACLIP_INJECT_NAN is set
         data_state, notes = None, []
-        if self.rank == 0:  # what interrupted writes left behind is never resumed from
-            notes += [f"removed {n}, left by an interrupted checkpoint write"
-                      for n in checkpoint.clean_interrupted(self.ckpt_root)]
-        barrier()
+        # What interrupted writes left behind is finished or removed, never resumed from as is.
+        notes += on_rank0(checkpoint.clean_interrupted, self.ckpt_root)
         resume_dir = checkpoint.choose_resume(self.ckpt_root, resume)
         if resume_dir is not None:
             checkpoint.check_optimizer(resume_dir, self.optimizer_kind)
             client = checkpoint.load(self.engine, resume_dir, self.ckpt_root)
             self.step, self.samples_seen = client["step"], client["samples_seen"]
-            self.guard = StepGuard(cfg.train.max_skipped_steps_in_a_row,
-                                   client.get("skipped_steps", 0), client.get("protected", ()))
+            self.guard = StepGuard.from_state(cfg.train.max_skipped_steps_in_a_row, client)
             self.objective.load_state_dict(client.get("objective", {}))
             if self.teacher is not None:
                 checkpoint.load_teacher(resume_dir, self.teacher)
             if "rng" in client:
                 checkpoint.set_rng_state(client["rng"])
             data_state = client["data"]
-            if self.rank == 0:  # newer checkpoints of this run: kept, out of the way
-                notes += [f"moved {p} aside: resuming from the older {resume_dir}"
-                          for p in checkpoint.move_aside(self.ckpt_root, self.step)]
-            barrier()
+            # Newer checkpoints of this run: kept, out of the way.
+            notes += [f"moved {p} aside: resuming from the older {resume_dir}"
+                      for p in on_rank0(checkpoint.move_aside, self.ckpt_root, self.step)]
         self.loader = build_train_loader(
             cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
             self.rank, self.world_size, data_state, restart_seed=self.step,
-            masking=self._masking(), urls=urls)
+            masking=self._masking(), urls=urls, stop_signals=tuple(cfg.train.stop_signals))
 
         self.eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
                                  cfg.data.mean, cfg.data.std, cfg.data.image_keys,
@@ -195,6 +191,7 @@ class Trainer:
         # spent on evaluation and checkpoints (excluded from the step time).
         log_from, t_log, data_time, other_time = self.step, time.perf_counter(), 0.0, 0.0
         n_good = 0  # steps of the interval whose terms are averaged (skipped ones are not)
+        guarded = sorted({*self.objective.weights, "loss"})  # the terms a step's skip looks at
         while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
@@ -210,7 +207,8 @@ class Trainer:
                 if (self.step + 1, self.rank) in self.inject_nan:
                     batch["images"] = batch["images"] * float("nan")
                 terms = train_step(self.engine, self.objective, batch, self.teacher, self.step)
-                local = StepGuard.local_flags(terms)
+                # Only what enters the loss decides a skip (a statistic may be NaN harmlessly).
+                local = StepGuard.local_flags({k: terms[k] for k in guarded})
                 flags = local if flags is None else torch.maximum(flags, local)
                 for k, v in terms.items():
                     step_terms[k] = step_terms.get(k, 0) + v.float() / cfg.train.grad_accum_steps
@@ -218,7 +216,7 @@ class Trainer:
             stop, bad = reduce_step_flags(self.stop_signal.received is not None, flags,
                                           self.device)
             skipped = self.guard.judge(self.step + 1, self.engine.was_step_applied(),
-                                       dict(zip(sorted(step_terms), bad)),
+                                       dict(zip(guarded, bad)),
                                        lambda: checkpoint.latest_checkpoint(self.ckpt_root))
             good = skipped is None
             if good:
@@ -245,7 +243,7 @@ class Trainer:
                 t_log = time.perf_counter()
             # A stop signal is heard before this step's evaluation and periodic checkpoint, so
             # the grace time before SIGKILL goes to the checkpoint alone.
-            if self.step < cfg.train.steps and stop:
+            if stop:
                 return self._stop_for_signal()
             do_eval = cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set
             do_save = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
@@ -273,17 +271,28 @@ class Trainer:
         return results
 
     def _stop_for_signal(self) -> dict:
+        """Checkpoint first (the grace time before SIGKILL is short), then requeue if rank 0's
+        signal asks for it. At the last step the run is complete: no requeue, no evaluation."""
         self.save()
         why = self.stop_signal.received or "a signal on another rank"
-        self.log.text(f"pre-empted by {why} after step {self.step}: checkpoint saved")
+        finished = self.step >= self.cfg.train.steps
+        self.log.text(f"pre-empted by {why} after step {self.step}: checkpoint saved"
+                      + ("; training is complete, the final evaluation was skipped (run "
+                         "tools/eval.py on the checkpoint)" if finished else ""))
         try:
-            if self.rank == 0 and self.from_slurm and self.cfg.train.requeue_on_stop:
+            if (self.rank == 0 and self.from_slurm and not finished
+                    and self.stop_signal.asks_requeue(self.cfg.train.requeue_signals)):
                 self.log.text(f"requeueing Slurm job {os.environ.get('SLURM_JOB_ID')}; the "
                               f"next run resumes from step {self.step}")
                 self.log.text(cluster.requeue())  # a FatalError (exit 1) if it fails
         finally:
             self.log.close()
         return {}
+
+    def close(self) -> None:
+        """Shut the data workers down (they outlive stop signals by design)."""
+        if getattr(self, "loader", None) is not None:
+            self.loader.close()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -346,7 +355,7 @@ class Trainer:
         client = {"step": self.step, "samples_seen": self.samples_seen, "config": to_dict(self.cfg),
                   "rng": checkpoint.rng_state(), "data": self.loader.state.state_dict(),
                   "world_size": self.world_size, "optimizer": self.optimizer_kind,
-                  "protected": list(self.guard.protected), "skipped_steps": self.guard.skipped,
+                  **self.guard.state_dict(),
                   "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, client,
                                self.cfg.train.keep_checkpoints, self.cfg, self.teacher,

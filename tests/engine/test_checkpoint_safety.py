@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_resume_reads_only_the_path_and_never_overwrites_or_deletes(tmp_path, sy
     ckpts = a / "checkpoints"
     assert [t for _, t in complete_checkpoints(str(ckpts))] == [
         "step00000002", "step00000004", "step00000006"]
-    # What an interrupted write leaves: a temporary directory, a directory without its marker.
+    # What an interrupted write leaves: a temporary directory; and a directory without a marker.
     (ckpts / "step00000008.tmp").mkdir()
     (ckpts / "step00000008.tmp" / "part").write_text("x")
     (ckpts / "step00000010").mkdir()
@@ -68,7 +69,9 @@ def test_resume_reads_only_the_path_and_never_overwrites_or_deletes(tmp_path, sy
     log = _train(synthetic, a, "train.steps=4", "train.ckpt_every=2", "--resume",
                  str(ckpts / "step00000002"))
     assert "removed step00000008.tmp, left by an interrupted checkpoint write" in log
-    assert "removed step00000010, left by an interrupted checkpoint write" in log
+    # A marker-less directory is not one megaclip wrote: named, left alone, never resumed.
+    assert "ignored step00000010: no COMPLETE marker" in log
+    assert (ckpts / "step00000010").is_dir()
     aside = [d for d in os.listdir(ckpts) if d.startswith("aside-")]
     assert len(aside) == 1
     for tag in ("step00000004", "step00000006"):
@@ -86,16 +89,23 @@ def test_resume_reads_only_the_path_and_never_overwrites_or_deletes(tmp_path, sy
 
 @pytest.mark.slow
 def test_sigterm_during_a_step_writes_a_checkpoint_and_exits(tmp_path, synthetic):
+    """As Slurm does, the signal goes to every process of the job: the data-loader workers
+    survive it, the trainer checkpoints, shuts them down and exits."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(_command(synthetic, out, "train.steps=500", "train.ckpt_every=0"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(_command(synthetic, out, "train.steps=500", "train.ckpt_every=0",
+                                     "data.workers=2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 3/500 "):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, "".join(lines)[-2000:] + stderr[-2000:]
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # no worker outlived the trainer
+        os.killpg(proc.pid, 0)
     stop = next(line for line in lines if line.startswith("pre-empted by SIGTERM after step "))
     step = int(stop.split("after step ")[1].split(":")[0])
     assert 3 <= step < 500 and "checkpoint saved" in stop
