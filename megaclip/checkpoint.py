@@ -29,6 +29,8 @@ CLIENT_DIR = "client"
 TMP_SUFFIX = ".tmp"
 _REPLACED = ".replaced"  # a complete checkpoint a save of the same step is replacing
 _DELETE = ".delete"  # a checkpoint retention is removing
+_MOVE_INTENT = "MOVING_ASIDE"  # while newer checkpoints are moved aside: the step they follow
+_LOCK = "LOCK"
 _TAG = re.compile(r"^step(\d+)$")
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d{5})\.pt$")
 
@@ -44,7 +46,7 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     out = []
     for name in os.listdir(root):
         m = _TAG.match(name)
-        if m and os.path.isfile(os.path.join(root, name, MARKER)):
+        if m and is_complete(os.path.join(root, name)):
             out.append((int(m.group(1)), name))
     return sorted(out)
 
@@ -57,6 +59,16 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def marker(tag_dir: str) -> dict:
     with open(os.path.join(tag_dir, MARKER)) as f:
         return json.load(f)
+
+
+def is_complete(tag_dir: str) -> bool:
+    """Whether ``tag_dir`` carries a readable marker (written whole, then renamed into place)."""
+    if not os.path.isfile(os.path.join(tag_dir, MARKER)):
+        return False
+    try:
+        return isinstance(marker(tag_dir).get("step"), int)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def rng_state() -> dict:
@@ -96,25 +108,37 @@ def clean_interrupted(root: str) -> list[str]:
         if not os.path.isdir(path):
             continue
         base = name.rsplit(".", 1)[0]
-        if name.endswith(TMP_SUFFIX) and _TAG.match(base) and \
-                os.path.isfile(os.path.join(path, MARKER)) and \
+        if name.endswith(TMP_SUFFIX) and _TAG.match(base) and is_complete(path) and \
+                marker(path)["step"] == int(_TAG.match(base).group(1)) and \
                 not os.path.exists(os.path.join(root, base)):
             os.rename(path, os.path.join(root, base))
             done.append(f"completed {base}: its write had finished, only its rename had not")
         elif name.endswith(TMP_SUFFIX) or name.endswith(_DELETE):
-            shutil.rmtree(path)
-            done.append(f"removed {name}, left by an interrupted checkpoint write")
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {name}, left by an interrupted checkpoint write"
+                        + (" (some of it could not be removed)" if os.path.exists(path) else ""))
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if name.endswith(_REPLACED) and os.path.isdir(path):
             base = name[:-len(_REPLACED)]
-            if os.path.isfile(os.path.join(root, base, MARKER)):
+            if is_complete(os.path.join(root, base)):
                 shutil.rmtree(path)
             else:
                 os.rename(path, os.path.join(root, base))
                 done.append(f"restored {base}: the save that was replacing it was interrupted")
-        elif _TAG.match(name) and not os.path.isfile(os.path.join(path, MARKER)):
+        elif _TAG.match(name) and os.path.isdir(path) and not is_complete(path):
             done.append(f"ignored {name}: no {MARKER} marker, not a checkpoint megaclip wrote")
+    intent = os.path.join(root, _MOVE_INTENT)
+    if os.path.isfile(intent):  # a resume from an older checkpoint was moving newer ones aside
+        with open(intent) as f:
+            after = json.load(f)["after_step"]
+        done += [f"moved {p} aside: finishing the move of an interrupted resume from step "
+                 f"{after}" for p in move_aside(root, after)]
+        if os.path.exists(intent):
+            os.remove(intent)
+    for name in os.listdir(root):
+        if name.endswith(".partial"):
+            os.remove(os.path.join(root, name))
     _fsync_dir(root)
     return done
 
@@ -122,10 +146,19 @@ def clean_interrupted(root: str) -> list[str]:
 def move_aside(root: str, after_step: int) -> list[str]:
     """Move the complete checkpoints of ``root`` newer than ``after_step`` into
     ``root/aside-<time>[-n]/`` (a resume from an older one must neither overwrite nor delete
-    them); returns where they went."""
+    them); returns where they went. An intent file names ``after_step`` while they move, so a
+    move cut short is finished at the next start (``clean_interrupted``) before anything picks
+    one of them to resume from."""
     newer = [tag for step, tag in complete_checkpoints(root) if step > after_step]
     if not newer:
         return []
+    intent = os.path.join(root, _MOVE_INTENT)
+    with open(intent + ".partial", "w") as f:
+        json.dump({"after_step": after_step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(intent + ".partial", intent)
+    _fsync_dir(root)
     stem = os.path.join(root, time.strftime("aside-%Y%m%d-%H%M%S"))
     aside, n = stem, 1
     while os.path.exists(aside):
@@ -134,7 +167,65 @@ def move_aside(root: str, after_step: int) -> list[str]:
     for tag in newer:
         os.rename(os.path.join(root, tag), os.path.join(aside, tag))
     _fsync_dir(root)
+    os.remove(intent)
+    _fsync_dir(root)
     return [os.path.join(aside, tag) for tag in newer]
+
+
+def lock_output(root: str):
+    """An exclusive lock on ``root`` for this process's lifetime (rank 0), so a second run
+    started by mistake on the same output dir is refused before it touches anything. The
+    kernel drops it when the process ends, however it ends. Returns the open lock file, or None
+    where the file system has no locks (a warning; nothing is refused then)."""
+    import fcntl
+    import logging
+    import socket
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, _LOCK)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{root} is in use by another run ({holder}); wait for it to end, or "
+                        f"give this run another train.output_dir") from None
+    except OSError as e:  # e.g. a Lustre mount without -o flock
+        f.close()
+        logging.getLogger("megaclip").warning("cannot lock %s (%s): nothing stops a second run "
+                                              "from using the same output dir", path, e)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}"
+            + (f", Slurm job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ
+               else "") + "\n")
+    f.flush()
+    return f
+
+
+_HELD: list = []  # the lock files this process holds, open until it exits
+
+
+def prepare_output(root: str, resume: Optional[str]) -> list[str]:
+    """Rank 0, first thing: lock the checkpoint folder, refuse a fresh start over existing
+    checkpoints, then finish or remove what interrupted writes left (``clean_interrupted``).
+    Returns the log lines."""
+    lock = lock_output(root)
+    if lock is not None:
+        _HELD.append(lock)
+    if resume in (None, "", "none"):
+        _refuse_fresh_start(root)
+    return clean_interrupted(root)
+
+
+def _refuse_fresh_start(root: str) -> None:
+    tag = latest_checkpoint(root)
+    if tag:
+        raise UserError(f"{root} already holds checkpoints (newest: {tag}); continue that "
+                        f"run with --resume auto (or --resume {os.path.join(root, tag)}), or "
+                        f"give this one another train.output_dir")
 
 
 def _fsync_files(folder: str, mine) -> None:
@@ -167,11 +258,13 @@ def _finish_save(root: str, tag: str, step: int, client_state: dict, keep: int, 
     _fsync_files(tmp, lambda name: _rank_of_file(name) is None)
     for dirpath, _, _ in os.walk(tmp):
         _fsync_dir(dirpath)
-    with open(os.path.join(tmp, MARKER), "w") as f:
+    partial = os.path.join(tmp, MARKER + ".partial")  # a marker is whole or absent
+    with open(partial, "w") as f:
         json.dump({"step": step, "optimizer": client_state.get("optimizer"),
                    "world_size": world()[1]}, f)
         f.flush()
         os.fsync(f.fileno())
+    os.rename(partial, os.path.join(tmp, MARKER))
     _fsync_dir(tmp)
     replaced = final + _REPLACED
     if os.path.isdir(final):  # the same step saved twice (a stop right after a save)
@@ -218,7 +311,7 @@ def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
     path = on_rank0(_pick_resume, root, resume)
     if path is None:
         return None
-    seen = marker(path)["step"] if os.path.isfile(os.path.join(path, MARKER)) else None
+    seen = marker(path)["step"] if is_complete(path) else None
     views = [seen]
     if ws > 1:
         views = [None] * ws
@@ -233,17 +326,13 @@ def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
 
 def _pick_resume(root: str, resume: Optional[str]) -> Optional[str]:
     if resume in (None, "", "none"):
-        tag = latest_checkpoint(root)
-        if tag:
-            raise UserError(f"{root} already holds checkpoints (newest: {tag}); continue that "
-                            f"run with --resume auto (or --resume {os.path.join(root, tag)}), or "
-                            f"give this one another train.output_dir")
+        _refuse_fresh_start(root)  # prepare_output refused already; a check that stays true
         return None
     if resume == "auto":
         tag = latest_checkpoint(root)
         return os.path.join(root, tag) if tag else None
     path = os.path.abspath(resume.rstrip("/"))
-    if not os.path.isfile(os.path.join(path, MARKER)):
+    if not is_complete(path):
         raise UserError(f"--resume {resume}: not a complete megaclip checkpoint directory "
                         f"(no {MARKER} marker)")
     return path

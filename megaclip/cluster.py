@@ -83,6 +83,8 @@ def signal_numbers(names) -> list[int]:
         sig = getattr(signal, str(name), None)
         if not str(name).startswith("SIG") or not isinstance(sig, signal.Signals):
             raise UserError(f"unknown signal {name!r}; e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise UserError(f"{name} cannot be caught: it cannot be a stop signal")
         out.append(sig)
     return out
 
@@ -101,9 +103,17 @@ class StopSignal:
         self.received = signal.Signals(signum).name
         self.seen.add(self.received)
 
-    def asks_requeue(self, requeue_signals) -> bool:
-        """Only requeue signals arrived (a SIGTERM from scancel as well means: do not)."""
-        return bool(self.seen) and self.seen <= set(requeue_signals)
+    def flags(self, requeue_signals) -> tuple[float, float]:
+        """(a requeue signal arrived, another stop signal arrived), as this rank saw them; summed
+        over the ranks they decide the stop and the requeue (``asks_requeue``)."""
+        return (float(bool(self.seen & set(requeue_signals))),
+                float(bool(self.seen - set(requeue_signals))))
+
+
+def asks_requeue(requeue_ranks: float, other_ranks: float) -> bool:
+    """Requeue when a requeue signal reached some rank and no other stop signal reached any (a
+    SIGTERM from scancel as well means: do not)."""
+    return requeue_ranks > 0 and other_ranks == 0
 
 
 class WorkerSignals:

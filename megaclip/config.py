@@ -195,12 +195,14 @@ class TrainConfig:
     keep_checkpoints: int = 3  # 0: all; the newest one before skipped steps is kept as well
     max_skipped_steps_in_a_row: int = 10  # non-finite steps in a row, then the run stops
     tensorboard: bool = True
-    # On any of these signals: checkpoint at the next step boundary and exit. After one of
-    # requeue_signals (Slurm's warning before the time limit, --signal=USR1@300) a Slurm job also
-    # requeues itself and resumes from that checkpoint; SIGTERM (scancel, pre-emption, where
-    # Slurm requeues by itself) only checkpoints. requeue_signals=[]: never requeue.
+    # On any of these signals: checkpoint at the next step boundary and exit. When only
+    # requeue_signals arrived (on any rank; Slurm's warning before the time limit,
+    # --signal=USR1@300) a Slurm job also requeues itself and resumes from that checkpoint;
+    # SIGTERM (scancel, pre-emption, where Slurm requeues by itself) only checkpoints.
+    # requeue_on_stop=false (or requeue_signals=[]): never requeue.
     stop_signals: tuple = ("SIGTERM", "SIGUSR1")
     requeue_signals: tuple = ("SIGUSR1",)
+    requeue_on_stop: bool = True
     # Peak TFLOP/s of one device for the logged MFU; 0: look the GPU up (bf16 on known GPUs).
     peak_tflops: float = 0.0
 

@@ -199,7 +199,7 @@ def on_rank0(fn, *args, **kwargs):
     if rank == 0:
         try:
             box[0] = ("ok", fn(*args, **kwargs))
-        except Exception as e:  # shared, then raised on rank 0 as it was
+        except BaseException as e:  # shared (an interrupt too), then raised on rank 0 as it was
             if ws > 1:
                 box[0] = ("error", type(e).__name__, str(e))
                 dist.broadcast_object_list(box, src=0)

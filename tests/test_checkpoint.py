@@ -7,7 +7,7 @@ import os
 import pytest
 
 from megaclip.checkpoint import (MARKER, check_optimizer, clean_interrupted,
-                                 complete_checkpoints, move_aside)
+                                 complete_checkpoints, lock_output, move_aside)
 from megaclip.errors import UserError
 
 
@@ -53,6 +53,45 @@ def test_what_interrupted_writes_left_is_finished_or_removed_never_guessed(tmp_p
         "step00000002", "step00000004", "step00000008"]
     assert clean_interrupted(str(tmp_path)) == [
         "ignored step00000010: no COMPLETE marker, not a checkpoint megaclip wrote"]
+
+
+def test_a_marker_cut_short_is_no_marker(tmp_path):
+    _checkpoint(tmp_path / "step00000002", 2)
+    _checkpoint(tmp_path / "step00000004.tmp", 4, marker=False)
+    (tmp_path / "step00000004.tmp" / MARKER).write_text("")  # written by an older version, cut
+    assert clean_interrupted(str(tmp_path)) == [
+        "removed step00000004.tmp, left by an interrupted checkpoint write"]
+    assert [t for _, t in complete_checkpoints(str(tmp_path))] == ["step00000002"]
+
+
+def test_a_move_aside_cut_short_is_finished_before_anything_resumes(tmp_path):
+    for step in (2, 4, 6):
+        _checkpoint(tmp_path / f"step{step:08d}", step)
+    # The intent was written and step 4 moved when the process died; step 6 is still there.
+    (tmp_path / "MOVING_ASIDE").write_text(json.dumps({"after_step": 2}))
+    (tmp_path / "aside-20260101-000000").mkdir()
+    os.rename(tmp_path / "step00000004", tmp_path / "aside-20260101-000000" / "step00000004")
+    done = clean_interrupted(str(tmp_path))
+    assert len(done) == 1 and "finishing the move of an interrupted resume from step 2" in done[0]
+    assert [t for _, t in complete_checkpoints(str(tmp_path))] == ["step00000002"]
+    assert not (tmp_path / "MOVING_ASIDE").exists()
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from megaclip.checkpoint import lock_output; "
+        f"lock = lock_output({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"is in use by another run \(pid {holder.pid} on "):
+            lock_output(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_output(str(tmp_path)).close()  # released with the process that held it
 
 
 def test_moving_aside_twice_in_one_second_keeps_both(tmp_path):

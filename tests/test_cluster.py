@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from megaclip.cluster import (StopSignal, WorkerSignals, first_host, requeue, slurm_env,
-                              tasks_per_node)
+from megaclip.cluster import (StopSignal, WorkerSignals, asks_requeue, first_host, requeue,
+                              slurm_env, tasks_per_node)
 from megaclip.errors import FatalError, UserError
 
 
@@ -69,20 +69,25 @@ def test_an_unknown_stop_signal_is_a_user_error():
         StopSignal(("SIGFOO",))
     with pytest.raises(UserError, match="unknown signal 'SIG_IGN'"):
         StopSignal(("SIG_IGN",))
+    with pytest.raises(UserError, match="SIGKILL cannot be caught"):
+        StopSignal(("SIGKILL",))
 
 
-def test_only_requeue_signals_ask_for_a_requeue():
+def test_only_requeue_signals_ask_for_a_requeue_whichever_ranks_received_them():
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         stop = StopSignal()
-        assert not stop.asks_requeue(("SIGUSR1",))
+        assert stop.flags(("SIGUSR1",)) == (0.0, 0.0)
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.asks_requeue(("SIGUSR1",)) and not stop.asks_requeue(())
-        os.kill(os.getpid(), signal.SIGTERM)  # scancel after the time-limit warning: no requeue
-        assert not stop.asks_requeue(("SIGUSR1",))
+        assert stop.flags(("SIGUSR1",)) == (1.0, 0.0) and stop.flags(()) == (0.0, 1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # scancel after the time-limit warning
+        assert stop.flags(("SIGUSR1",)) == (1.0, 1.0)
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+    # Summed over ranks: the warning reached rank 1 alone -> requeue; any SIGTERM -> do not.
+    assert asks_requeue(1.0, 0.0) and asks_requeue(2.0, 0.0)
+    assert not asks_requeue(1.0, 1.0) and not asks_requeue(0.0, 2.0) and not asks_requeue(0, 0)
 
 
 class _Forever(torch.utils.data.IterableDataset):

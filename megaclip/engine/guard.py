@@ -80,10 +80,11 @@ class StepGuard:
         return line
 
 
-def reduce_step_flags(stop: bool, term_flags: torch.Tensor, device: torch.device
-                      ) -> tuple[bool, list[float]]:
-    """One all-reduce per step: whether any rank was asked to stop, and per term how many ranks
-    saw it non-finite."""
-    packed = torch.cat([torch.tensor([1.0 if stop else 0.0], device=device), term_flags])
+def reduce_step_flags(stop: tuple[float, float], term_flags: torch.Tensor,
+                      device: torch.device) -> tuple[tuple[float, float], list[float]]:
+    """One all-reduce per step: how many ranks received a requeue signal and another stop signal
+    (``StopSignal.flags``), and per term how many ranks saw it non-finite."""
+    packed = torch.cat([torch.tensor(list(stop), device=device, dtype=term_flags.dtype),
+                        term_flags])
     summed = all_reduce_sum(packed).tolist()
-    return summed[0] > 0, summed[1:]
+    return (summed[0], summed[1]), summed[2:]

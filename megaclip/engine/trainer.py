@@ -107,8 +107,9 @@ class Trainer:
         self.guard = StepGuard(cfg.train.max_skipped_steps_in_a_row)
         self.inject_nan = nan_injections()  # test hook: empty unless MEGACLIP_INJECT_NAN is set
         data_state, notes = None, []
-        # What interrupted writes left behind is finished or removed, never resumed from as is.
-        notes += on_rank0(checkpoint.clean_interrupted, self.ckpt_root)
+        # The folder locked to this run; what interrupted writes left behind finished or
+        # removed, never resumed from as is.
+        notes += on_rank0(checkpoint.prepare_output, self.ckpt_root, resume)
         resume_dir = checkpoint.choose_resume(self.ckpt_root, resume)
         if resume_dir is not None:
             checkpoint.check_optimizer(resume_dir, self.optimizer_kind)
@@ -213,8 +214,8 @@ class Trainer:
                 for k, v in terms.items():
                     step_terms[k] = step_terms.get(k, 0) + v.float() / cfg.train.grad_accum_steps
             # One all-reduce: the stop flag and, per term, the ranks where it was not finite.
-            stop, bad = reduce_step_flags(self.stop_signal.received is not None, flags,
-                                          self.device)
+            stop, bad = reduce_step_flags(self.stop_signal.flags(cfg.train.requeue_signals),
+                                          flags, self.device)
             skipped = self.guard.judge(self.step + 1, self.engine.was_step_applied(),
                                        dict(zip(guarded, bad)),
                                        lambda: checkpoint.latest_checkpoint(self.ckpt_root))
@@ -243,8 +244,8 @@ class Trainer:
                 t_log = time.perf_counter()
             # A stop signal is heard before this step's evaluation and periodic checkpoint, so
             # the grace time before SIGKILL goes to the checkpoint alone.
-            if stop:
-                return self._stop_for_signal()
+            if sum(stop):
+                return self._stop_for_signal(requeue=cluster.asks_requeue(*stop))
             do_eval = cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.eval_set
             do_save = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
             if do_eval or do_save:
@@ -270,9 +271,10 @@ class Trainer:
         self.log.close()
         return results
 
-    def _stop_for_signal(self) -> dict:
-        """Checkpoint first (the grace time before SIGKILL is short), then requeue if rank 0's
-        signal asks for it. At the last step the run is complete: no requeue, no evaluation."""
+    def _stop_for_signal(self, requeue: bool) -> dict:
+        """Checkpoint first (the grace time before SIGKILL is short), then requeue if the
+        signals the ranks received ask for it. At the last step the run is complete: no requeue,
+        no evaluation."""
         self.save()
         why = self.stop_signal.received or "a signal on another rank"
         finished = self.step >= self.cfg.train.steps
@@ -280,8 +282,8 @@ class Trainer:
                       + ("; training is complete, the final evaluation was skipped (run "
                          "tools/eval.py on the checkpoint)" if finished else ""))
         try:
-            if (self.rank == 0 and self.from_slurm and not finished
-                    and self.stop_signal.asks_requeue(self.cfg.train.requeue_signals)):
+            if (self.rank == 0 and self.from_slurm and not finished and requeue
+                    and self.cfg.train.requeue_on_stop):
                 self.log.text(f"requeueing Slurm job {os.environ.get('SLURM_JOB_ID')}; the "
                               f"next run resumes from step {self.step}")
                 self.log.text(cluster.requeue())  # a FatalError (exit 1) if it fails
