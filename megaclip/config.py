@@ -78,6 +78,7 @@ class MaskDistillConfig:
     teacher_temp_warmup: float = 0.04  # linear from this to teacher_temp ...
     teacher_temp_warmup_fraction: float = 0.3  # ... over this fraction of train.steps
     center_momentum: float = 0.9
+    freeze_prototypes_steps: int = 0  # the prototype layer does not learn for this many steps
 
 
 @dataclass
@@ -380,6 +381,8 @@ def validate(cfg: Config) -> None:
           "objective.text_mlm.mask_token_prob + random_token_prob must lie in [0, 1]")
     check(obj.mask_distill.weight >= 0 and obj.text_mlm.weight >= 0,
           "objective.mask_distill.weight and objective.text_mlm.weight must be >= 0")
+    check(obj.mask_distill.freeze_prototypes_steps >= 0,
+          "objective.mask_distill.freeze_prototypes_steps must be >= 0")
     check(obj.mask_distill.prototypes > 0 and obj.mask_distill.decoder_depth > 0
           and obj.text_mlm.decoder_depth > 0, "prototypes and decoder depths must be positive")
     check(0 <= obj.teacher.momentum <= obj.teacher.momentum_end <= 1,

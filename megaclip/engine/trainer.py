@@ -193,12 +193,16 @@ class Trainer:
         log_from, t_log, data_time, other_time = self.step, time.perf_counter(), 0.0, 0.0
         n_good = 0  # steps of the interval whose terms are averaged (skipped ones are not)
         guarded = sorted({*self.objective.weights, "loss"})  # the terms a step's skip looks at
+        head = getattr(self.engine.module, "distill_head", None)
+        freeze_until = cfg.objective.mask_distill.freeze_prototypes_steps
         while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.engine.train()
+            if head is not None:  # DINO's frozen last layer for the first steps
+                head.prototypes.frozen = self.step < freeze_until
             step_terms, flags = {}, None
             for _ in range(cfg.train.grad_accum_steps):
                 t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from torch import nn
 from megaclip.config import ModelConfig, ObjectiveConfig
 from megaclip.errors import UserError
 from megaclip.models.decoders import MaskedPatchDecoder, TextMlmDecoder
-from megaclip.models.heads import PrototypeHead
+from megaclip.models.heads import CosinePrototypes, PrototypeHead
 from megaclip.models.text import TextTower
 from megaclip.models.towers import TwoTower
 from megaclip.models.vision import VisionTower, build_trunk
@@ -160,10 +160,10 @@ def _init_module(name: str, module: nn.Module, gen: torch.Generator) -> None:
             val = val.clamp(-2 * std, 2 * std)
         p.data.copy_(val)
 
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, CosinePrototypes)):  # the prototypes: as the linear
         is_projection = name in ("visual.proj", "text.proj")
         normal_(module.weight, module.weight.shape[1] ** -0.5 if is_projection else 0.02, trunc=True)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             module.bias.data.zero_()
     elif isinstance(module, nn.Conv2d):
         normal_(module.weight, 0.02, trunc=True)

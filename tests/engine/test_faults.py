@@ -59,7 +59,8 @@ def _centre(tag_dir, rank):
 @pytest.mark.slow
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank_and_changes_nothing(tmp_path, synthetic):
     out = tmp_path / "run"
-    proc = _run(out, synthetic, "3:1", "train.steps=5", "train.keep_checkpoints=10")
+    proc = _run(out, synthetic, "3:1", "train.steps=5", "train.keep_checkpoints=10",
+                "objective.mask_distill.freeze_prototypes_steps=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 3 skipped on every rank: non-finite " in proc.stdout
     assert "on 1 rank(s)" in proc.stdout.split("step 3 skipped")[1].splitlines()[0]
@@ -81,6 +82,13 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_and_changes_nothing(tmp_
     assert any(not torch.equal(p3[k], p4[k]) for k in p3)
     assert all(torch.isfinite(v).all() for v in p4.values())
     assert not torch.equal(_centre(s3, 0), _centre(s4, 0))
+    # The prototype layer, frozen for steps 1-2, kept its directions (decoupled weight decay
+    # only scales its rows, which the head normalises); from step 4 on it learns.
+    def rows(tag):
+        w = consolidate(str(ckpts / f"step{tag:08d}"))["distill_head.prototypes.weight"]
+        return torch.nn.functional.normalize(w, dim=-1)
+    torch.testing.assert_close(rows(1), rows(2), rtol=0, atol=1e-6)
+    assert (rows(4) - rows(5)).abs().max() > 1e-4
 
 
 @pytest.mark.distributed
