@@ -1,74 +1,32 @@
 """Checkpoints: the one place that calls DeepSpeed's save/load.
 
 A checkpoint is written under ``<tag>.tmp`` by every rank (DeepSpeed's shards, megaclip's own
-client state and EMA teacher shards), then, once every rank is done, rank 0 writes the
-``COMPLETE`` marker (fsynced) and renames the directory to ``<tag>``: a directory named like a
-checkpoint is always whole. Saves, renames and deletions happen only under the run's own
-checkpoint folder; a checkpoint given to ``--resume`` is only read.
+client state and EMA teacher shards, each rank fsyncing its own files), then, once every rank is
+done, rank 0 writes the ``COMPLETE`` marker and renames the directory to ``<tag>``: a directory
+named like a checkpoint is always whole. The folder's naming, locking and housekeeping are in
+``checkpoint_folder``; a checkpoint given to ``--resume`` is only read.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
-import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megaclip.checkpoint_folder import (MARKER, TMP_SUFFIX, fsync_dir, is_complete,
+                                        latest_checkpoint, marker, publish, tag_for,
+                                        write_marker)
 from megaclip.config import save_resolved
 from megaclip.distributed import barrier, on_rank0, world
 from megaclip.errors import FatalError, UserError
 
-MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
 CLIENT_DIR = "client"
-TMP_SUFFIX = ".tmp"
-_REPLACED = ".replaced"  # a complete checkpoint a save of the same step is replacing
-_DELETE = ".delete"  # a checkpoint retention is removing
-_MOVE_INTENT = "MOVING_ASIDE"  # while newer checkpoints are moved aside: the step they follow
-_LOCK = "LOCK"
-_TAG = re.compile(r"^step(\d+)$")
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d{5})\.pt$")
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, tag) of every complete checkpoint under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        m = _TAG.match(name)
-        if m and is_complete(os.path.join(root, name)):
-            out.append((int(m.group(1)), name))
-    return sorted(out)
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def marker(tag_dir: str) -> dict:
-    with open(os.path.join(tag_dir, MARKER)) as f:
-        return json.load(f)
-
-
-def is_complete(tag_dir: str) -> bool:
-    """Whether ``tag_dir`` carries a readable marker (written whole, then renamed into place)."""
-    if not os.path.isfile(os.path.join(tag_dir, MARKER)):
-        return False
-    try:
-        return isinstance(marker(tag_dir).get("step"), int)
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def rng_state() -> dict:
@@ -83,149 +41,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def clean_interrupted(root: str) -> list[str]:
-    """Finish or undo what interrupted writes left under ``root``; returns what it did, one line
-    each. A ``<tag>.tmp`` with its marker was complete but not yet renamed: it becomes ``<tag>``
-    (unless that exists). One without is removed, as are ``<tag>.replaced`` (the copy a save of
-    the same step was replacing: put back if the new one never arrived) and ``<tag>.delete``
-    (retention's). A ``<tag>`` directory without a marker is left alone and named: megaclip
-    never writes one. Rank 0 only (``on_rank0``), before anything else."""
-    if not os.path.isdir(root):
-        return []
-    done = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if not os.path.isdir(path):
-            continue
-        base = name.rsplit(".", 1)[0]
-        if name.endswith(TMP_SUFFIX) and _TAG.match(base) and is_complete(path) and \
-                marker(path)["step"] == int(_TAG.match(base).group(1)) and \
-                not os.path.exists(os.path.join(root, base)):
-            os.rename(path, os.path.join(root, base))
-            done.append(f"completed {base}: its write had finished, only its rename had not")
-        elif name.endswith(TMP_SUFFIX) or name.endswith(_DELETE):
-            shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {name}, left by an interrupted checkpoint write"
-                        + (" (some of it could not be removed)" if os.path.exists(path) else ""))
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if name.endswith(_REPLACED) and os.path.isdir(path):
-            base = name[:-len(_REPLACED)]
-            if is_complete(os.path.join(root, base)):
-                shutil.rmtree(path)
-            else:
-                os.rename(path, os.path.join(root, base))
-                done.append(f"restored {base}: the save that was replacing it was interrupted")
-        elif _TAG.match(name) and os.path.isdir(path) and not is_complete(path):
-            done.append(f"ignored {name}: no {MARKER} marker, not a checkpoint megaclip wrote")
-    intent = os.path.join(root, _MOVE_INTENT)
-    if os.path.isfile(intent):  # a resume from an older checkpoint was moving newer ones aside
-        with open(intent) as f:
-            after = json.load(f)["after_step"]
-        done += [f"moved {p} aside: finishing the move of an interrupted resume from step "
-                 f"{after}" for p in move_aside(root, after)]
-        if os.path.exists(intent):
-            os.remove(intent)
-    for name in os.listdir(root):
-        if name.endswith(".partial"):
-            os.remove(os.path.join(root, name))
-    _fsync_dir(root)
-    return done
-
-
-def move_aside(root: str, after_step: int) -> list[str]:
-    """Move the complete checkpoints of ``root`` newer than ``after_step`` into
-    ``root/aside-<time>[-n]/`` (a resume from an older one must neither overwrite nor delete
-    them); returns where they went. An intent file names ``after_step`` while they move, so a
-    move cut short is finished at the next start (``clean_interrupted``) before anything picks
-    one of them to resume from."""
-    newer = [tag for step, tag in complete_checkpoints(root) if step > after_step]
-    if not newer:
-        return []
-    intent = os.path.join(root, _MOVE_INTENT)
-    with open(intent + ".partial", "w") as f:
-        json.dump({"after_step": after_step}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(intent + ".partial", intent)
-    _fsync_dir(root)
-    stem = os.path.join(root, time.strftime("aside-%Y%m%d-%H%M%S"))
-    aside, n = stem, 1
-    while os.path.exists(aside):
-        aside, n = f"{stem}-{n}", n + 1
-    os.makedirs(aside)
-    for tag in newer:
-        os.rename(os.path.join(root, tag), os.path.join(aside, tag))
-    _fsync_dir(root)
-    os.remove(intent)
-    _fsync_dir(root)
-    return [os.path.join(aside, tag) for tag in newer]
-
-
-def lock_output(root: str):
-    """An exclusive lock on ``root`` for this process's lifetime (rank 0), so a second run
-    started by mistake on the same output dir is refused before it touches anything. The
-    kernel drops it when the process ends, however it ends. Returns the open lock file, or None
-    where the file system has no locks (a warning; nothing is refused then)."""
-    import fcntl
-    import logging
-    import socket
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, _LOCK)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{root} is in use by another run ({holder}); wait for it to end, or "
-                        f"give this run another train.output_dir") from None
-    except OSError as e:  # e.g. a Lustre mount without -o flock
-        f.close()
-        logging.getLogger("megaclip").warning("cannot lock %s (%s): nothing stops a second run "
-                                              "from using the same output dir", path, e)
-        return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}"
-            + (f", Slurm job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ
-               else "") + "\n")
-    f.flush()
-    return f
-
-
-_HELD: list = []  # the lock files this process holds, open until it exits
-
-
-def prepare_output(root: str, resume: Optional[str]) -> list[str]:
-    """Rank 0, first thing: lock the checkpoint folder, refuse a fresh start over existing
-    checkpoints, then finish or remove what interrupted writes left (``clean_interrupted``).
-    Returns the log lines."""
-    lock = lock_output(root)
-    if lock is not None:
-        _HELD.append(lock)
-    if resume in (None, "", "none"):
-        _refuse_fresh_start(root)
-    return clean_interrupted(root)
-
-
-def _refuse_fresh_start(root: str) -> None:
-    tag = latest_checkpoint(root)
-    if tag:
-        raise UserError(f"{root} already holds checkpoints (newest: {tag}); continue that "
-                        f"run with --resume auto (or --resume {os.path.join(root, tag)}), or "
-                        f"give this one another train.output_dir")
 
 
 def _fsync_files(folder: str, mine) -> None:
@@ -249,37 +64,17 @@ def _rank_of_file(name: str) -> Optional[int]:
 
 def _finish_save(root: str, tag: str, step: int, client_state: dict, keep: int, cfg,
                  protect: tuple) -> None:
-    """Rank 0, once every rank's files are written and fsynced: the marker, the rename (a save
-    of a step already saved moves the old copy out of the way first, so one of the two is always
-    there), then retention (each old checkpoint renamed before it is removed)."""
-    tmp, final = os.path.join(root, tag + TMP_SUFFIX), os.path.join(root, tag)
+    """Rank 0, once every rank's files are written and fsynced: its own files, the marker, then
+    the rename and retention (``checkpoint_folder.publish``)."""
+    tmp = os.path.join(root, tag + TMP_SUFFIX)
     if cfg is not None:
         save_resolved(cfg, os.path.join(tmp, CONFIG_FILE))
     _fsync_files(tmp, lambda name: _rank_of_file(name) is None)
     for dirpath, _, _ in os.walk(tmp):
-        _fsync_dir(dirpath)
-    partial = os.path.join(tmp, MARKER + ".partial")  # a marker is whole or absent
-    with open(partial, "w") as f:
-        json.dump({"step": step, "optimizer": client_state.get("optimizer"),
-                   "world_size": world()[1]}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(partial, os.path.join(tmp, MARKER))
-    _fsync_dir(tmp)
-    replaced = final + _REPLACED
-    if os.path.isdir(final):  # the same step saved twice (a stop right after a save)
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if os.path.isdir(replaced):
-        shutil.rmtree(replaced)
-    old = complete_checkpoints(root)[:-keep] if keep > 0 else []
-    for _, name in old:
-        if name not in protect:
-            gone = os.path.join(root, name + _DELETE)
-            os.rename(os.path.join(root, name), gone)
-            shutil.rmtree(gone, ignore_errors=True)
-    _fsync_dir(root)
+        fsync_dir(dirpath)
+    write_marker(tmp, {"step": step, "optimizer": client_state.get("optimizer"),
+                       "world_size": world()[1]})
+    publish(root, tag, keep, protect)
 
 
 def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None,
@@ -304,10 +99,9 @@ def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None,
 def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint directory to resume from, chosen by rank 0 (``auto``: the newest complete
     one under ``root``; or the path given) and checked by every rank: one that does not see it
-    complete, or sees another step, is an error naming the ranks. Without ``--resume``, a
-    ``root`` that already holds checkpoints is an error: a fresh run would overwrite them or
-    let retention delete them."""
-    rank, ws = world()
+    complete, or sees another step, is an error naming the ranks. Runs after
+    ``prepare_output``."""
+    ws = world()[1]
     path = on_rank0(_pick_resume, root, resume)
     if path is None:
         return None
@@ -325,8 +119,7 @@ def choose_resume(root: str, resume: Optional[str]) -> Optional[str]:
 
 
 def _pick_resume(root: str, resume: Optional[str]) -> Optional[str]:
-    if resume in (None, "", "none"):
-        _refuse_fresh_start(root)  # prepare_output refused already; a check that stays true
+    if resume in (None, "", "none"):  # a fresh start (prepare_output refused one over checkpoints)
         return None
     if resume == "auto":
         tag = latest_checkpoint(root)

@@ -268,8 +268,9 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,
                      status=status)
     closing = mp.Value("b", 0, lock=False) if workers > 0 else None
+    on_start = WorkerSignals(stop_signals, closing) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
                         timeout=cfg.loader_timeout_s if workers > 0 else 0,
-                        worker_init_fn=WorkerSignals(stop_signals, closing) if workers > 0 else None)
+                        worker_init_fn=on_start)
     return TrainLoader(loader, kept, urls, status, closing)

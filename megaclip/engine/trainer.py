@@ -10,7 +10,7 @@ from typing import Optional
 import deepspeed
 import torch
 
-from megaclip import checkpoint, cluster
+from megaclip import checkpoint, checkpoint_folder, cluster
 from megaclip.config import Config, save_resolved, to_dict
 from megaclip.data.sequence import FIRST_BAD_NAMED
 from megaclip.data.webdataset import SKIP_KINDS, bad_shards_over_limit, build_train_loader
@@ -109,7 +109,7 @@ class Trainer:
         data_state, notes = None, []
         # The folder locked to this run; what interrupted writes left behind finished or
         # removed, never resumed from as is.
-        notes += on_rank0(checkpoint.prepare_output, self.ckpt_root, resume)
+        notes += on_rank0(checkpoint_folder.prepare_output, self.ckpt_root, resume)
         resume_dir = checkpoint.choose_resume(self.ckpt_root, resume)
         if resume_dir is not None:
             checkpoint.check_optimizer(resume_dir, self.optimizer_kind)
@@ -124,7 +124,7 @@ class Trainer:
             data_state = client["data"]
             # Newer checkpoints of this run: kept, out of the way.
             notes += [f"moved {p} aside: resuming from the older {resume_dir}"
-                      for p in on_rank0(checkpoint.move_aside, self.ckpt_root, self.step)]
+                      for p in on_rank0(checkpoint_folder.move_aside, self.ckpt_root, self.step)]
         self.loader = build_train_loader(
             cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
             self.rank, self.world_size, data_state, restart_seed=self.step,
@@ -222,7 +222,7 @@ class Trainer:
                                           flags, self.device)
             skipped = self.guard.judge(self.step + 1, self.engine.was_step_applied(),
                                        dict(zip(guarded, bad)),
-                                       lambda: checkpoint.latest_checkpoint(self.ckpt_root))
+                                       lambda: checkpoint_folder.latest_checkpoint(self.ckpt_root))
             good = skipped is None
             if good:
                 n_good += 1

@@ -15,8 +15,9 @@ class MlmLoss(nn.Module):
 
     Captions differ in length, so ranks mask different numbers of pieces; a per-rank mean would
     weight a piece by its rank's count. Each rank's mean is scaled by its count times the world
-    size over the global count (one small all-reduce; 1 when the counts agree), so the mean over ranks that data parallelism takes,
-    of values and of gradients, is the global per-piece mean."""
+    size over the global count (one small all-reduce; 1 when the counts agree), so the mean
+    over ranks that data parallelism takes, of values and of gradients, is the global
+    per-piece mean."""
 
     def forward(self, mlm_logits: torch.Tensor, tokens: torch.Tensor,
                 target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from megaclip.checkpoint import complete_checkpoints, consolidate, consolidate_teacher
+from megaclip.checkpoint import consolidate, consolidate_teacher
+from megaclip.checkpoint_folder import complete_checkpoints
 from tests.conftest import ROOT, free_port
 
 
