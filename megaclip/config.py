@@ -17,6 +17,9 @@ from typing import Any, Optional
 import yaml
 
 from megaclip.errors import UserError
+from megaclip.objective_config import (  # noqa: F401 - re-exported
+    OBJECTIVE_PRESETS, LocalGlobalConfig, MaskConfig, MaskDistillConfig, ObjectiveConfig,
+    TeacherConfig, TextMlmConfig, validate_objective)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -52,87 +55,6 @@ class ModelConfig:
     grad_checkpointing: bool = True
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
-
-
-@dataclass
-class MaskConfig:
-    """Image patch masks, drawn per sample in the data pipeline (METHODS.md 1)."""
-    ratio: float = 0.75
-    strategy: str = "random"  # random | block (BEiT-style rectangles)
-    block_min_patches: int = 16
-    block_min_aspect: float = 0.3
-
-
-@dataclass
-class MaskDistillConfig:
-    """Masked self-distillation: student decoder predicts the EMA teacher's soft codewords."""
-    weight: float = 0.0  # 0: off
-    prototypes: int = 8192
-    head_hidden: int = 2048
-    head_bottleneck: int = 256
-    head_layers: int = 3
-    decoder_depth: int = 1
-    decoder_heads: Optional[int] = None  # None: the vision tower's
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    teacher_temp_warmup: float = 0.04  # linear from this to teacher_temp ...
-    teacher_temp_warmup_fraction: float = 0.3  # ... over this fraction of train.steps
-    center_momentum: float = 0.9
-    freeze_prototypes_steps: int = 0  # the prototype layer does not learn for this many steps
-
-
-@dataclass
-class TextMlmConfig:
-    """BERT-style masked language modelling on the caption."""
-    weight: float = 0.0  # 0: off
-    mask_ratio: float = 0.2
-    mask_token_prob: float = 0.8  # of the chosen tokens: learnable [MASK] embedding ...
-    random_token_prob: float = 0.1  # ... a random token; the rest stay unchanged
-    decoder_depth: int = 4
-
-
-@dataclass
-class TeacherConfig:
-    """EMA teacher momentum: cosine from ``momentum`` to ``momentum_end`` over training."""
-    momentum: float = 0.996
-    momentum_end: float = 1.0  # set equal to momentum for a fixed value
-
-
-@dataclass
-class ObjectiveConfig:
-    """Which losses run and their weights; weighting happens in one place (engine/step.py).
-
-    ``preset`` fills the values an experiment leaves unset (see OBJECTIVE_PRESETS)."""
-    preset: str = "clip"  # clip | maskclip | maskclip_flip
-    contrastive: str = "clip"  # clip | siglip
-    contrastive_weight: float = 1.0
-    contrastive_view: str = "full"  # full: a separate unmasked student pass | masked: FLIP-style
-    local_loss: bool = True
-    siglip_init_bias: float = -10.0
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    mask_distill: MaskDistillConfig = field(default_factory=MaskDistillConfig)
-    text_mlm: TextMlmConfig = field(default_factory=TextMlmConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-
-    @property
-    def uses_masks(self) -> bool:
-        return self.mask_distill.weight > 0 or self.contrastive_view == "masked"
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.mask_distill.weight > 0
-
-
-# Objective presets: config values applied beneath the experiment file and the overrides.
-OBJECTIVE_PRESETS: dict[str, dict] = {
-    "clip": {},
-    # MaskCLIP as published: contrastive loss on a full-image student pass (METHODS.md 1).
-    "maskclip": {"contrastive_view": "full", "mask_distill": {"weight": 0.05},
-                 "text_mlm": {"weight": 0.05}},
-    # Cheaper: the contrastive loss reads the masked student pass (FLIP-style), no full pass.
-    "maskclip_flip": {"contrastive_view": "masked", "mask_distill": {"weight": 0.05},
-                      "text_mlm": {"weight": 0.05}},
-}
 
 
 @dataclass
@@ -363,30 +285,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(msg)
 
-    check(cfg.objective.contrastive in ("clip", "siglip"),
-          f"objective.contrastive must be 'clip' or 'siglip', got '{cfg.objective.contrastive}'")
-    obj = cfg.objective
-    check(obj.contrastive_view in ("full", "masked"),
-          f"objective.contrastive_view must be 'full' or 'masked', got '{obj.contrastive_view}'")
-    check(obj.mask.strategy in ("random", "block"),
-          f"objective.mask.strategy must be 'random' or 'block', got '{obj.mask.strategy}'")
-    check(0 < obj.mask.ratio < 1, f"objective.mask.ratio must be in (0, 1), got {obj.mask.ratio}")
-    check(0 < obj.mask.block_min_aspect <= 1, "objective.mask.block_min_aspect must be in (0, 1]")
-    check(obj.mask.block_min_patches >= 1, "objective.mask.block_min_patches must be >= 1")
-    check(0 < obj.text_mlm.mask_ratio < 1,
-          f"objective.text_mlm.mask_ratio must be in (0, 1), got {obj.text_mlm.mask_ratio}")
-    mlm = obj.text_mlm
-    check(mlm.mask_token_prob >= 0 and mlm.random_token_prob >= 0
-          and mlm.mask_token_prob + mlm.random_token_prob <= 1,
-          "objective.text_mlm.mask_token_prob + random_token_prob must lie in [0, 1]")
-    check(obj.mask_distill.weight >= 0 and obj.text_mlm.weight >= 0,
-          "objective.mask_distill.weight and objective.text_mlm.weight must be >= 0")
-    check(obj.mask_distill.freeze_prototypes_steps >= 0,
-          "objective.mask_distill.freeze_prototypes_steps must be >= 0")
-    check(obj.mask_distill.prototypes > 0 and obj.mask_distill.decoder_depth > 0
-          and obj.text_mlm.decoder_depth > 0, "prototypes and decoder depths must be positive")
-    check(0 <= obj.teacher.momentum <= obj.teacher.momentum_end <= 1,
-          "objective.teacher needs 0 <= momentum <= momentum_end <= 1")
+    validate_objective(cfg.objective, check)
     check(cfg.optim.impl in ("auto", "deepspeed_fused", "apex_fused", "torch_fused", "torch"),
           f"optim.impl must be one of auto, deepspeed_fused, apex_fused, torch_fused, torch; "
           f"got '{cfg.optim.impl}'")

@@ -24,7 +24,7 @@ EXAMPLE = """examples:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/bench_objectives.py", description=__doc__,
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objectives", default="clip,maskclip,maskclip_flip",
+    p.add_argument("--objectives", default="clip,maskclip,maskclip_flip,silc,maskclip+silc",
                    help="objective presets, comma separated; ratios are to the first")
     p.add_argument("--preset", default="tiny", help="model preset (tiny, vit_b16, vit_l14)")
     p.add_argument("--batch", type=int, default=32, help="micro-batch per process")

@@ -32,7 +32,7 @@ from megaclip.data.sequence import (BlockShuffle, Position, SequencePoint, Seque
                                     derive_seed, shard_sequence, status_writer)
 from megaclip.data.shards import read_shard, shard_list
 from megaclip.data.tokenizer import Tokenizer
-from megaclip.data.views import seeded, train_transform
+from megaclip.data.views import MultiCrop, seeded, train_transform
 from megaclip.errors import FatalError, UserError
 
 log = logging.getLogger("megaclip.data")
@@ -45,13 +45,18 @@ class TrainStream(IterableDataset):
     """Endless batches ``{images, tokens, eot, position: (worker, Position dict), skipped:
     {kind: n, "shards": n}}``, plus the masks ``masking`` asks for (``image_mask``,
     ``mlm_tokens``/``mlm_target``/``mlm_embed``), drawn per sample from the same seed as its
-    view. A problem that ends the run arrives as a batch ``{"error": message}``."""
+    view. With ``multicrop`` (SILC), ``images`` is each sample's first global crop, ``views``
+    (B, G-1, 3, S, S) its other global crops and ``local_views`` (B, L, 3, s, s) its local
+    crops, all drawn from the sample's seed. A problem that ends the run arrives as a batch
+    ``{"error": message}``."""
 
     def __init__(self, cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                  rank: int, world_size: int, start: Optional[dict[int, dict]] = None,
                  stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None,
-                 urls: Optional[list[str]] = None, status=None):
+                 urls: Optional[list[str]] = None, status=None,
+                 multicrop: Optional[MultiCrop] = None):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.multicrop = multicrop
         self.masking = masking
         self.ordinary_ids = (ordinary_token_ids(tokenizer)
                              if masking is not None and masking.text is not None else None)
@@ -102,7 +107,7 @@ class TrainStream(IterableDataset):
         at = raw.at
         bad = BadSampleLog(cfg.log_bad_samples, cfg.max_bad_samples_in_a_row, at.skipped,
                            at.bad_in_a_row)
-        images, captions, seeds = [], [], []
+        images, captions, seeds, views, local_views = [], [], [], [], []
         for sample in raw:
             index = at.cursor - 1
             try:
@@ -114,7 +119,13 @@ class TrainStream(IterableDataset):
                 continue
             bad.good()
             seed = derive_seed(self.seed, self.rank, wid, index)
-            images.append(seeded(self.transform, image, seed))
+            if self.multicrop is not None:
+                globals_, locals_ = seeded(self.multicrop, image, seed)
+                images.append(globals_[0])
+                views.append(globals_[1:])
+                local_views.append(locals_)
+            else:
+                images.append(seeded(self.transform, image, seed))
             captions.append(caption)
             if self.masking is not None:
                 seeds.append(derive_seed(seed, _MASKS))
@@ -126,10 +137,13 @@ class TrainStream(IterableDataset):
                          "position": (wid, raw.position().to_dict()),
                          "skipped": {**bad.counts, "shards": shards.shards_bad},
                          "shards_read": shards.shards_read, "first_bad": shards.first_bad}
+                if self.multicrop is not None:
+                    batch["views"], batch["local_views"] = (torch.stack(views),
+                                                            torch.stack(local_views))
                 if self.masking is not None:
                     batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
-                images, captions, seeds = [], [], []
+                images, captions, seeds, views, local_views = [], [], [], [], []
 
 
 def bad_shards_over_limit(bad: int, read: int, fraction: float) -> bool:
@@ -237,12 +251,14 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                        rank: int, world_size: int, state: Optional[dict] = None,
                        restart_seed: int = 0, masking: Optional[Masking] = None,
                        urls: Optional[list[str]] = None,
-                       stop_signals: tuple = ()) -> TrainLoader:
+                       stop_signals: tuple = (),
+                       multicrop: Optional[MultiCrop] = None) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
     shard list, if already expanded (by ``shard_list``). ``stop_signals``: the signals the main
-    process handles; the workers do not die of them (``WorkerSignals``)."""
+    process handles; the workers do not die of them (``WorkerSignals``). ``multicrop``: SILC's
+    views instead of one crop per sample."""
     workers = cfg.workers
     urls = urls if urls is not None else shard_list(cfg.train_shards)
     # What a saved position means depends on all of these; if one changed, replaying would
@@ -266,7 +282,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
     status = mp.Array("d", 3 * workers, lock=False) if workers > 0 else None
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,
-                     status=status)
+                     status=status, multicrop=multicrop)
     closing = mp.Value("b", 0, lock=False) if workers > 0 else None
     on_start = WorkerSignals(stop_signals, closing) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,

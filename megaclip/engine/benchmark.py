@@ -18,7 +18,7 @@ from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
 from megaclip.engine.teacher import EmaTeacher
 from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import build_teacher_modules
+from megaclip.models.registry import build_teacher_modules, check_multicrop
 
 
 def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_size: int,
@@ -30,6 +30,7 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     check_precision(ds_config, device)
     init_distributed()
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
+    check_multicrop(cfg.model, cfg.objective)
     ds = merge_ds_config(ds_config, cfg.train, 1)
     dtype, stage = model_dtype(ds), zero_stage(ds)
     model = build_model(cfg.model, cfg.objective, 0, ds if stage == 3 else None, dtype)
@@ -37,9 +38,10 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     teacher = None
     if cfg.objective.uses_teacher:
-        trunk, head = build_teacher_modules(cfg.model, cfg.objective, ds if stage == 3 else None,
-                                            dtype)
-        teacher = EmaTeacher(engine.module, trunk.to(device), head.to(device), dtype)
+        trunk, heads = build_teacher_modules(cfg.model, cfg.objective, ds if stage == 3 else None,
+                                             dtype)
+        teacher = EmaTeacher(engine.module, trunk.to(device),
+                             {k: h.to(device) for k, h in heads.items()}, dtype)
         teacher.init_from_student()
     objective = Objective(cfg.objective, steps + warmup).to(device)
     v, t, B = cfg.model.vision, cfg.model.text, cfg.train.micro_batch_size
@@ -53,6 +55,12 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     batch = {"images": torch.randn(B, 3, v.image_size, v.image_size, generator=g),
              "tokens": tokens, "eot": eot,
              **batch_masks(masking, list(range(B)), tokens, eot, np.arange(4, vocab_size))}
+    if obj.uses_multicrop:  # SILC's views, random like the rest
+        lg = obj.local_global
+        batch["views"] = torch.randn(B, lg.global_crops - 1, 3, v.image_size, v.image_size,
+                                     generator=g)
+        batch["local_views"] = torch.randn(B, lg.local_crops, 3, lg.local_size, lg.local_size,
+                                           generator=g)
     batch = to_device(batch, device, dtype)
 
     def sync():

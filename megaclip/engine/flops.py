@@ -11,9 +11,9 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float) -> 
     return depth * per_layer
 
 
-def vision_flops(cfg: ModelConfig, patches_kept: int) -> float:
+def vision_flops(cfg: ModelConfig, patches_kept: int, image_size: int = 0) -> float:
     v = cfg.vision
-    patches = (v.image_size // v.patch_size) ** 2
+    patches = ((image_size or v.image_size) // v.patch_size) ** 2
     out = 2 * patches * 3 * v.patch_size ** 2 * v.width  # patch embedding (all patches)
     return out + transformer_flops(patches_kept + 1, v.width, v.depth, v.mlp_ratio)
 
@@ -31,8 +31,9 @@ def forward_flops_per_sample(cfg: ModelConfig) -> float:
                  + text_flops(cfg) + 2 * cfg.text.width * cfg.embed_dim)
 
 
-def head_flops(cfg: ModelConfig, obj: ObjectiveConfig, tokens: int) -> float:
-    d = obj.mask_distill
+def head_flops(cfg: ModelConfig, obj: ObjectiveConfig, tokens: int, d=None) -> float:
+    """A prototype head (``d``: its config section, MaskCLIP's by default) on ``tokens``."""
+    d = d or obj.mask_distill
     dims = [cfg.vision.width] + [d.head_hidden] * (d.head_layers - 1) + [d.head_bottleneck]
     mlp = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
     return tokens * (mlp + 2 * d.head_bottleneck * d.prototypes)
@@ -41,21 +42,32 @@ def head_flops(cfg: ModelConfig, obj: ObjectiveConfig, tokens: int) -> float:
 def train_flops_per_sample(cfg: ModelConfig, obj: ObjectiveConfig | None = None) -> float:
     """Forward + backward (3x forward) of every trained pass, plus the teacher's forward.
     Recomputation by activation checkpointing is not counted (model FLOPs, not hardware)."""
-    if obj is None or (not obj.uses_masks and obj.text_mlm.weight == 0):
+    if obj is None or (not obj.uses_masks and obj.text_mlm.weight == 0
+                       and not obj.uses_multicrop):
         return 3.0 * forward_flops_per_sample(cfg)
     v, t = cfg.vision, cfg.text
     patches = (v.image_size // v.patch_size) ** 2
     masked = num_masked(patches, obj.mask.ratio)
-    total = 3.0 * (text_flops(cfg) + 2 * t.width * cfg.embed_dim + 2 * v.width * cfg.embed_dim)
+    lg = obj.local_global
+    global_views = lg.global_crops if obj.uses_multicrop else 1
+    total = 3.0 * (text_flops(cfg) + 2 * t.width * cfg.embed_dim
+                   + global_views * 2 * v.width * cfg.embed_dim)
     if obj.uses_masks:
         total += 3.0 * vision_flops(cfg, patches - masked)
-    if not obj.uses_masks or obj.contrastive_view == "full":
-        total += 3.0 * vision_flops(cfg, patches)
-    if obj.uses_teacher:
+    if not obj.uses_masks or obj.contrastive_view == "full" or obj.uses_multicrop:
+        total += 3.0 * global_views * vision_flops(cfg, patches)  # every global view, whole
+    if obj.mask_distill.weight > 0:
         total += 3.0 * transformer_flops(patches + 1, v.width, obj.mask_distill.decoder_depth,
                                          v.mlp_ratio)
         total += 3.0 * head_flops(cfg, obj, masked)
-        total += vision_flops(cfg, patches) + head_flops(cfg, obj, patches)  # teacher, no grad
+        total += head_flops(cfg, obj, patches)  # teacher head, no grad
+    if obj.uses_teacher:  # the teacher's trunk over the global views, no grad
+        total += global_views * vision_flops(cfg, patches)
+    if obj.uses_multicrop:
+        local_patches = (lg.local_size // v.patch_size) ** 2
+        total += 3.0 * lg.local_crops * vision_flops(cfg, local_patches, lg.local_size)
+        total += 3.0 * head_flops(cfg, obj, global_views + lg.local_crops, lg)
+        total += head_flops(cfg, obj, global_views, lg)  # teacher head
     if obj.text_mlm.weight > 0:
         L = t.context_length
         total += 3.0 * text_flops(cfg)

@@ -11,7 +11,9 @@ from megaclip.config import ObjectiveConfig
 from megaclip.data.masks import split_indices
 from megaclip.losses import build_contrastive_loss
 from megaclip.losses.distill import MaskedDistillLoss
+from megaclip.losses.local_global import LocalGlobalLoss
 from megaclip.losses.mlm import MlmLoss
+from megaclip.models.towers import view_major
 
 
 class Objective(nn.Module):
@@ -24,24 +26,38 @@ class Objective(nn.Module):
         super().__init__()
         self.contrastive = build_contrastive_loss(cfg)
         self.weights = {cfg.contrastive: cfg.contrastive_weight}
-        self.distill = self.mlm = None
+        self.distill = self.mlm = self.local_global = None
         if cfg.mask_distill.weight > 0:
             self.distill = MaskedDistillLoss(cfg.mask_distill, total_steps)
             self.weights["distill"] = cfg.mask_distill.weight
+        if cfg.local_global.weight > 0:
+            self.local_global = LocalGlobalLoss(cfg.local_global, total_steps)
+            self.weights["local_global"] = cfg.local_global.weight
         if cfg.text_mlm.weight > 0:
             self.mlm = MlmLoss()
             self.weights["mlm"] = cfg.text_mlm.weight
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                teacher_logits: Optional[torch.Tensor] = None, step: int = 0
+                teacher_out: Optional[dict[str, torch.Tensor]] = None, step: int = 0
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        terms = self.contrastive(**{k: v for k, v in outputs.items()
-                                    if k in ("image_features", "text_features", "logit_scale",
-                                             "logit_bias")})
+        """``teacher_out``: the EMA teacher's ``patch_logits`` / ``global_logits``. With several
+        global views the contrastive term is the mean of its value on each (each against the
+        same texts, at the batch size of one view)."""
+        shared = {k: v for k, v in outputs.items() if k in ("text_features", "logit_scale",
+                                                            "logit_bias")}
+        views = [outputs["image_features"], *outputs.get("view_image_features", ())]
+        per_view = [self.contrastive(image_features=f, **shared) for f in views]
+        terms = {k: sum(t[k] for t in per_view) / len(per_view) for k in per_view[0]}
         stats: dict[str, torch.Tensor] = {}
         if self.distill is not None:
-            t, s = self.distill(outputs["student_patch_logits"], teacher_logits,
+            t, s = self.distill(outputs["student_patch_logits"], teacher_out["patch_logits"],
                                 batch["masked_index"], step)
+            terms.update(t)
+            stats.update(s)
+        if self.local_global is not None:
+            student = outputs["global_student_logits"]
+            teacher = teacher_out["global_logits"].unflatten(0, (-1, student.shape[1]))
+            t, s = self.local_global(student, teacher, step)
             terms.update(t)
             stats.update(s)
         if self.mlm is not None:
@@ -50,9 +66,10 @@ class Objective(nn.Module):
 
     def end_step(self, applied: bool) -> None:
         """Once per optimiser step, on every rank: statistics gathered over its micro-batches
-        (the distillation centre) are folded in if the step was applied, dropped if skipped."""
-        if self.distill is not None:
-            self.distill.end_step(applied)
+        (the distillation centres) are folded in if the step was applied, dropped if skipped."""
+        for loss in (self.distill, self.local_global):
+            if loss is not None:
+                loss.end_step(applied)
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[k] * v for k, v in terms.items())
@@ -60,7 +77,8 @@ class Objective(nn.Module):
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """The model's inputs on ``device``; a patch mask becomes visible/masked index lists."""
-    out = {"images": batch["images"].to(device, dtype, non_blocking=True)}
+    out = {k: batch[k].to(device, dtype, non_blocking=True)
+           for k in ("images", "views", "local_views") if k in batch}
     for key in ("tokens", "eot", "mlm_tokens", "mlm_target", "mlm_embed"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
@@ -79,13 +97,22 @@ def poison_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
     return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
 
 
+def teacher_forward(teacher, batch: dict) -> dict[str, torch.Tensor]:
+    """The teacher's pass: over the global views when there are several (SILC), the patch
+    logits of the first one (MaskCLIP's masked view) from the same pass."""
+    images, rows = batch["images"], batch["images"].shape[0]
+    if teacher.global_head is not None and "views" in batch and batch["views"].shape[1]:
+        images = view_major(images, batch["views"])
+    return teacher(images, patch_rows=rows)
+
+
 def train_step(engine, objective: Objective, batch: dict, teacher=None,
                step: int = 0) -> dict[str, torch.Tensor]:
     """One micro-batch through the DeepSpeed engine; the engine decides when the optimiser steps
     (gradient accumulation boundaries). Returns detached terms and statistics for logging."""
-    teacher_logits = teacher(batch["images"]) if teacher is not None else None
+    teacher_out = teacher_forward(teacher, batch) if teacher is not None else None
     outputs = engine(**batch)
-    terms, stats = objective(outputs, batch, teacher_logits, step)
+    terms, stats = objective(outputs, batch, teacher_out, step)
     loss = poison_if_not_finite(objective.total(terms))
     engine.backward(loss)
     engine.step()

@@ -25,7 +25,10 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-PAIRS = (("trunk.", "visual.trunk."), ("head.", "distill_head."))
+# Teacher state names -> the student's: the trunk, MaskCLIP's patch head ("head.", the name
+# checkpoints have always used) and SILC's head on the pooled token.
+PREFIXES = {"trunk": ("trunk.", "visual.trunk."), "distill_head": ("head.", "distill_head."),
+            "global_head": ("global_head.", "global_head.")}
 
 
 def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -44,18 +47,23 @@ def _gathered(params: Iterable[nn.Parameter]):
 
 
 class EmaTeacher:
-    """EMA copy of the student's image trunk and distillation head.
+    """EMA copy of the student's image trunk and its distillation heads.
 
-    ``trunk``/``head`` come from ``build_teacher_modules`` (the student's architecture, same
-    partitioning, frozen); ``student`` is the engine's module (``TwoTower``).
+    ``trunk``/``heads`` come from ``build_teacher_modules`` (the student's architecture, same
+    partitioning, frozen; ``heads`` by the student's attribute name, ``distill_head`` and/or
+    ``global_head``); ``student`` is the engine's module (``TwoTower``). One teacher serves
+    both distillation terms.
     """
 
-    def __init__(self, student: nn.Module, trunk: nn.Module, head: nn.Module, dtype: torch.dtype):
-        self.trunk, self.head = trunk.eval(), head.eval()
+    def __init__(self, student: nn.Module, trunk: nn.Module, heads: dict[str, nn.Module],
+                 dtype: torch.dtype):
+        self.trunk = trunk.eval()
+        self.head = heads["distill_head"].eval() if "distill_head" in heads else None
+        self.global_head = heads["global_head"].eval() if "global_head" in heads else None
         s_params = dict(student.named_parameters())
         self.pairs: list[tuple[str, nn.Parameter, nn.Parameter]] = []
-        for prefix, s_prefix in PAIRS:
-            module = trunk if prefix == "trunk." else head
+        for key, module in (("trunk", trunk), *heads.items()):
+            prefix, s_prefix = PREFIXES[key]
             for name, p in module.named_parameters():
                 self.pairs.append((prefix + name, p, s_params[s_prefix + name]))
         self.partitioned = any(hasattr(p, "ds_id") for _, p, _ in self.pairs)
@@ -128,8 +136,12 @@ class EmaTeacher:
 
     # ------------------------------------------------------------------------ forward
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Teacher logits over the prototypes at every patch of the full image, (B, N, K)."""
+    def __call__(self, images: torch.Tensor, patch_rows: Optional[int] = None
+                 ) -> dict[str, torch.Tensor]:
+        """The teacher's logits on full images, (B, 3, S, S): ``patch_logits`` (rows, N, K) at
+        every patch of the first ``patch_rows`` images (all by default) through the MaskCLIP
+        head, and ``global_logits`` (B, K) of every image's pooled token through the SILC head:
+        one pass over the trunk serves both."""
         trunk = self.trunk
         with _gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
                        + list(trunk.norm_pre.parameters())):
@@ -139,5 +151,11 @@ class EmaTeacher:
                 x = blk(x)
         with _gathered(trunk.norm.parameters()):
             x = trunk.norm(x)
-        with _gathered(self.head.parameters()):
-            return self.head(x[:, 1:])
+        out = {}
+        if self.head is not None:
+            with _gathered(self.head.parameters()):
+                out["patch_logits"] = self.head(x[:patch_rows, 1:])
+        if self.global_head is not None:
+            with _gathered(self.global_head.parameters()):
+                out["global_logits"] = self.global_head(x[:, 0])
+        return out

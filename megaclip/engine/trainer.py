@@ -31,7 +31,8 @@ from megaclip.engine.teacher import EmaTeacher, momentum_at
 from megaclip.errors import UserError
 from megaclip.evaluation import evaluate
 from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import build_teacher_modules, context_length
+from megaclip.data.views import MultiCrop
+from megaclip.models.registry import build_teacher_modules, check_multicrop, context_length
 
 
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -39,6 +40,7 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     model = resolve_model_config(cfg.model, tokenizer.vocab_size)
     if model.text.context_length != tokenizer.context_length:
         raise AssertionError("tokenizer built with another context length")
+    check_multicrop(model, cfg.objective)
     return dataclasses.replace(cfg, model=model)
 
 
@@ -95,10 +97,10 @@ class Trainer:
         self.objective = Objective(cfg.objective, cfg.train.steps).to(self.device)
         self.teacher = None
         if cfg.objective.uses_teacher:
-            trunk, head = build_teacher_modules(cfg.model, cfg.objective,
-                                                self.ds_config if stage == 3 else None, self.dtype)
+            trunk, heads = build_teacher_modules(cfg.model, cfg.objective,
+                                                 self.ds_config if stage == 3 else None, self.dtype)
             self.teacher = EmaTeacher(self.engine.module, trunk.to(self.device),
-                                      head.to(self.device), self.dtype)
+                                      {k: h.to(self.device) for k, h in heads.items()}, self.dtype)
             self.teacher.init_from_student()
 
         self.out_dir = cfg.train.output_dir
@@ -128,7 +130,10 @@ class Trainer:
         self.loader = build_train_loader(
             cfg.data, cfg.model.vision.image_size, self.tokenizer, cfg.train.micro_batch_size,
             self.rank, self.world_size, data_state, restart_seed=self.step,
-            masking=self._masking(), urls=urls, stop_signals=tuple(cfg.train.stop_signals))
+            masking=self._masking(), urls=urls, stop_signals=tuple(cfg.train.stop_signals),
+            multicrop=(MultiCrop(cfg.model.vision.image_size, cfg.objective.local_global,
+                                 cfg.data.mean, cfg.data.std, cfg.data.crop_ratio)
+                       if cfg.objective.uses_multicrop else None))
 
         self.eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
                                  cfg.data.mean, cfg.data.std, cfg.data.image_keys,
@@ -193,15 +198,17 @@ class Trainer:
         log_from, t_log, data_time, other_time = self.step, time.perf_counter(), 0.0, 0.0
         n_good = 0  # steps of the interval whose terms are averaged (skipped ones are not)
         guarded = sorted({*self.objective.weights, "loss"})  # the terms a step's skip looks at
-        head = getattr(self.engine.module, "distill_head", None)
-        freeze_until = cfg.objective.mask_distill.freeze_prototypes_steps
+        obj, module = cfg.objective, self.engine.module
+        frozen_heads = [(head, section.freeze_prototypes_steps) for head, section in (
+            (getattr(module, "distill_head", None), obj.mask_distill),
+            (getattr(module, "global_head", None), obj.local_global)) if head is not None]
         while self.step < last:
             lr = warmup_cosine(self.step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                                cfg.optim.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.engine.train()
-            if head is not None:  # DINO's frozen last layer for the first steps
+            for head, freeze_until in frozen_heads:  # DINO's frozen last layer at first
                 head.prototypes.frozen = self.step < freeze_until
             step_terms, flags = {}, None
             for _ in range(cfg.train.grad_accum_steps):

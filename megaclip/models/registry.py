@@ -67,10 +67,29 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
                                embed_dim=cfg.embed_dim or preset["embed_dim"])
 
 
-def _distill_head(cfg: ModelConfig, objective: ObjectiveConfig) -> PrototypeHead:
-    d = objective.mask_distill
+def _head(cfg: ModelConfig, d) -> PrototypeHead:
+    """A prototype head on the trunk's tokens from ``objective.mask_distill`` (patch tokens) or
+    ``objective.local_global`` (the pooled token)."""
     return PrototypeHead(cfg.vision.width, d.head_hidden, d.head_bottleneck, d.prototypes,
                          d.head_layers)
+
+
+def _teacher_heads(cfg: ModelConfig, objective: ObjectiveConfig) -> dict[str, PrototypeHead]:
+    """The heads the EMA teacher shares with the student, by the student's attribute name."""
+    heads = {}
+    if objective.mask_distill.weight > 0:
+        heads["distill_head"] = _head(cfg, objective.mask_distill)
+    if objective.local_global.weight > 0:
+        heads["global_head"] = _head(cfg, objective.local_global)
+    return heads
+
+
+def check_multicrop(cfg: ModelConfig, objective: ObjectiveConfig) -> None:
+    """The local crops must tile into whole patches (resolved model config)."""
+    lg = objective.local_global
+    if objective.uses_multicrop and lg.local_crops and lg.local_size % cfg.vision.patch_size:
+        raise UserError(f"objective.local_global.local_size {lg.local_size} is not a multiple of "
+                        f"model.vision.patch_size {cfg.vision.patch_size}")
 
 
 def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
@@ -82,13 +101,13 @@ def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
                      cfg.embed_dim, mask_embedding=mlm)
     bias = objective.siglip_init_bias if objective.contrastive == "siglip" else None
     init_scale = cfg.init_logit_scale if objective.contrastive == "clip" else 10.0
-    extras = {}
-    if objective.uses_teacher:
+    extras: dict[str, nn.Module] = {}
+    if objective.mask_distill.weight > 0:
         d = objective.mask_distill
         extras["patch_decoder"] = MaskedPatchDecoder(
             v.width, (v.image_size // v.patch_size) ** 2, d.decoder_depth,
             d.decoder_heads or v.heads, v.mlp_ratio)
-        extras["distill_head"] = _distill_head(cfg, objective)
+    extras.update(_teacher_heads(cfg, objective))
     if mlm:
         extras["text_decoder"] = TextMlmDecoder(t.width, objective.text_mlm.decoder_depth,
                                                 t.heads, t.mlp_ratio, t.vocab_size)
@@ -97,21 +116,25 @@ def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
 
 
 def build_teacher_modules(cfg: ModelConfig, objective: ObjectiveConfig,
-                          zero3_config: Optional[dict] = None,
-                          dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
-    """(image trunk, distillation head) with the student's architecture, partitioned exactly
-    like the student's under ZeRO-3. Their values are copied from the student, not drawn."""
+                          zero3_config: Optional[dict] = None, dtype: torch.dtype = torch.float32
+                          ) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """(image trunk, heads by the student's attribute name: ``distill_head`` for MaskCLIP,
+    ``global_head`` for SILC) with the student's architecture, created in the student's order
+    and partitioned exactly like the student's under ZeRO-3. Their values are copied from the
+    student, not drawn."""
     v = cfg.vision
     with _partitioned(zero3_config, dtype):
         trunk = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
-        head = _distill_head(cfg, objective)
+        heads = _teacher_heads(cfg, objective)
     if zero3_config is None:
-        trunk, head = trunk.to(dtype), head.to(dtype)
-    for p in list(trunk.parameters()) + list(head.parameters()):
-        p.requires_grad_(False)
+        trunk, heads = trunk.to(dtype), {k: h.to(dtype) for k, h in heads.items()}
+    for module in (trunk, *heads.values()):
+        for p in module.parameters():
+            p.requires_grad_(False)
     check_dtype(trunk, dtype, "the EMA teacher's trunk")
-    check_dtype(head, dtype, "the EMA teacher's head")
-    return trunk, head
+    for name, head in heads.items():
+        check_dtype(head, dtype, f"the EMA teacher's {name}")
+    return trunk, heads
 
 
 def _partitioned(zero3_config: Optional[dict], dtype: torch.dtype):

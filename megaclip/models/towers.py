@@ -29,7 +29,7 @@ class TwoTower(nn.Module):
                  patch_decoder: Optional[MaskedPatchDecoder] = None,
                  distill_head: Optional[PrototypeHead] = None,
                  text_decoder: Optional[TextMlmDecoder] = None,
-                 contrastive_view: str = "full"):
+                 contrastive_view: str = "full", global_head: Optional[PrototypeHead] = None):
         super().__init__()
         self.visual = visual
         self.text = text
@@ -41,6 +41,7 @@ class TwoTower(nn.Module):
         self.patch_decoder = patch_decoder
         self.distill_head = distill_head
         self.text_decoder = text_decoder
+        self.global_head = global_head
         self.contrastive_view = contrastive_view
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -57,20 +58,37 @@ class TwoTower(nn.Module):
                 eot: Optional[torch.Tensor] = None, keep_index: Optional[torch.Tensor] = None,
                 masked_index: Optional[torch.Tensor] = None,
                 mlm_tokens: Optional[torch.Tensor] = None, mlm_target: Optional[torch.Tensor] = None,
-                mlm_embed: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                mlm_embed: Optional[torch.Tensor] = None, views: Optional[torch.Tensor] = None,
+                local_views: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """``images`` (B, 3, S, S); SILC adds the other global crops ``views`` (B, G-1, 3, S, S)
+        and the local crops ``local_views`` (B, L, 3, s, s). Outputs: ``image_features`` of
+        ``images`` (B, E), ``view_image_features`` of ``views`` (G-1, B, E) and
+        ``global_student_logits`` (G + L, B, K), view-major, global views first."""
         out: dict[str, torch.Tensor] = {}
         if images is not None:
             masked_pass = None
             if keep_index is not None:  # the student sees the visible patches only
                 masked_pass = self.visual(images, keep_index)
+            B = images.shape[0]
             if masked_pass is not None and self.contrastive_view == "masked":
                 image_feature = masked_pass[0]
-            else:
-                image_feature = self.visual(images)[0]
+                if self.global_head is not None:  # the head still needs the global crops
+                    pooled = self.visual(view_major(images, views))[1][:, 0]
+            else:  # every global crop in one pass
+                feature, tokens_ = self.visual(view_major(images, views))
+                image_feature, pooled = feature[:B], tokens_[:, 0]
+                if feature.shape[0] > B:
+                    out["view_image_features"] = F.normalize(
+                        feature[B:].unflatten(0, (-1, B)), dim=-1)
             out["image_features"] = F.normalize(image_feature, dim=-1)
             if masked_pass is not None and self.patch_decoder is not None:
                 decoded = self.patch_decoder(masked_pass[1], keep_index, masked_index)
                 out["student_patch_logits"] = self.distill_head(decoded)
+            if self.global_head is not None:
+                if local_views is not None and local_views.shape[1]:
+                    local_pooled = self.visual(view_major(None, local_views))[1][:, 0]
+                    pooled = torch.cat([pooled, local_pooled])
+                out["global_student_logits"] = self.global_head(pooled).unflatten(0, (-1, B))
         if tokens is not None:
             out["text_features"] = F.normalize(self.text(tokens, eot)[0], dim=-1)
         if mlm_tokens is not None and self.text_decoder is not None:
@@ -80,3 +98,11 @@ class TwoTower(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias[0]
         return out
+
+
+def view_major(first: Optional[torch.Tensor], views: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, 3, H, W) and (B, V, 3, H, W) -> ((1 + V) x B, 3, H, W), view by view."""
+    parts = [] if first is None else [first]
+    if views is not None and views.shape[1]:
+        parts.append(views.transpose(0, 1).flatten(0, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,7 +1,9 @@
 """Image tower: a timm VisionTransformer pooled at the class token, then a bias-free projection.
 
 The trunk can run on the visible patches only (MAE-style token dropping): the masked student
-pass of MaskCLIP costs about a quarter of a full pass at the default 75% mask ratio.
+pass of MaskCLIP costs about a quarter of a full pass at the default 75% mask ratio. It also
+takes other image sizes than its own (SILC's local crops): timm's dynamic image size
+interpolates the position embeddings, and leaves them untouched at the native size.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def build_trunk(image_size: int, patch_size: int, width: int, depth: int, heads:
                 mlp_ratio: float) -> MaskableViT:
     return MaskableViT(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
                        num_heads=heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="token",
-                       class_token=True, dynamic_img_size=False)
+                       class_token=True, dynamic_img_size=True)
 
 
 class VisionTower(nn.Module):

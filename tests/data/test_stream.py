@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from megaclip.config import DataConfig, MaskConfig, TextMlmConfig
+from megaclip.config import DataConfig, LocalGlobalConfig, MaskConfig, TextMlmConfig
 from megaclip.data.masks import Masking
 from megaclip.data.shards import ShardError, expand_shards
 from megaclip.data.tokenizer import Tokenizer
+from megaclip.data.views import MultiCrop
 from megaclip.data.webdataset import TrainStream, build_train_loader
 from megaclip.data.writer import write_shards
 from megaclip.errors import UserError
@@ -95,7 +96,8 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
-_TENSORS = ("images", "tokens", "image_mask", "mlm_tokens", "mlm_target", "mlm_embed")
+_TENSORS = ("images", "tokens", "image_mask", "mlm_tokens", "mlm_target", "mlm_embed", "views",
+            "local_views")
 
 
 def _same(a, b):
@@ -123,6 +125,25 @@ def test_resume_continues_exactly_with_workers(synthetic, tokenizer):
     again = _take(resumed, 3)
     assert _same(again, batches[5:8])
     assert all(torch.equal(a["image_mask"], b["image_mask"]) for a, b in zip(again, batches[5:]))
+
+
+def test_resume_draws_the_same_multicrop_views(synthetic, tokenizer):
+    """SILC's global and local crops of a resumed stream equal the uninterrupted ones."""
+    cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
+               shuffle_buffer=30, workers=2, max_image_pixels=10 ** 8)
+    crops = MultiCrop(32, LocalGlobalConfig(local_crops=3, local_size=16), cfg.mean, cfg.std)
+    loader = build_train_loader(cfg, 32, tokenizer, 4, rank=0, world_size=1, masking=MASKING,
+                                multicrop=crops)
+    it = iter(loader)
+    batches = [next(it) for _ in range(3)]
+    saved = loader.state.state_dict()
+    batches += [next(it) for _ in range(3)]
+    first = batches[0]
+    assert first["images"].shape == (4, 3, 32, 32) and first["views"].shape == (4, 1, 3, 32, 32)
+    assert first["local_views"].shape == (4, 3, 3, 16, 16) and first["image_mask"].shape == (4, 16)
+    resumed = build_train_loader(cfg, 32, tokenizer, 4, rank=0, world_size=1, state=saved,
+                                 masking=MASKING, multicrop=crops)
+    assert _same(_take(resumed, 3), batches[3:])
 
 
 def test_views_depend_on_seed_and_rank(synthetic, tokenizer):

@@ -20,7 +20,7 @@ from megaclip.distributed import init_distributed, rank_device, setup_device, wo
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
-from megaclip.engine.teacher import PAIRS, EmaTeacher
+from megaclip.engine.teacher import PREFIXES, EmaTeacher
 from megaclip.models import build_model, resolve_model_config
 from megaclip.models.registry import build_teacher_modules
 
@@ -94,13 +94,13 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     model = build_model(cfg.model, cfg.objective, seed=0, zero3_config=z3, dtype=dtype)
     opt, _ = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    trunk, head = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
-    teacher = EmaTeacher(engine.module, trunk, head, dtype)
+    trunk, heads = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
+    teacher = EmaTeacher(engine.module, trunk, heads, dtype)
     teacher.init_from_student()
     objective = Objective(cfg.objective, steps)
 
     names = [(t_name, s_prefix + t_name[len(prefix):]) for t_name, _, _ in teacher.pairs
-             for prefix, s_prefix in PAIRS if t_name.startswith(prefix)]
+             for prefix, s_prefix in PREFIXES.values() if t_name.startswith(prefix)]
     reference = {}
     for t_name, s_name in names:
         full = student_full_fp32(engine, s_name, stage)
@@ -144,13 +144,13 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     checkpoint.save_teacher(tag_dir, teacher)
     dist.barrier()
     # A fresh teacher restored from the files holds this rank's shards bit for bit.
-    trunk2, head2 = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
-    restored = EmaTeacher(engine.module, trunk2, head2, dtype)
+    trunk2, heads2 = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
+    restored = EmaTeacher(engine.module, trunk2, heads2, dtype)
     restored.ema = {k: torch.zeros_like(v) for k, v in teacher.ema.items()}
     checkpoint.load_teacher(tag_dir, restored)
     restored_exact = all(torch.equal(restored.ema[k], teacher.ema[k]) for k in teacher.ema)
     probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(7))
-    same_output = torch.equal(restored(probe), teacher(probe))
+    same_output = torch.equal(restored(probe)["patch_logits"], teacher(probe)["patch_logits"])
     held, full_bytes = teacher.memory_bytes()
     report = {"stage": stage, "world_size": ws, "update_collectives": update_calls,
               "control_collectives": control.calls, "held_bytes": held,

@@ -53,7 +53,7 @@ def _optimizer_states(tag_dir):
 
 def _centre(tag_dir, rank):
     client = torch.load(os.path.join(tag_dir, "client", f"rank{rank:05d}.pt"), weights_only=True)
-    return client["objective"]["distill.center"]
+    return client["objective"]["distill.centering.center"]
 
 
 @pytest.mark.distributed

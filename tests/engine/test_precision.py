@@ -55,8 +55,9 @@ def test_every_parameter_and_buffer_has_the_configs_dtype(monkeypatch, process_g
     want = model_dtype(ds)
     assert want == (torch.float32 if ds_file == "zero3_cpu.json" else torch.bfloat16)
     student = build_model(model_cfg, cfg.objective, 0, ds, want)
-    trunk, head = build_teacher_modules(model_cfg, cfg.objective, ds, want)
-    for what, module in (("student", student), ("teacher trunk", trunk), ("teacher head", head)):
+    trunk, heads = build_teacher_modules(model_cfg, cfg.objective, ds, want)
+    for what, module in (("student", student), ("teacher trunk", trunk),
+                         ("teacher head", heads["distill_head"])):
         params = list(module.named_parameters())
         assert params and all(hasattr(p, "ds_tensor") for _, p in params)  # partitioned
         wrong = [(n, p.ds_tensor.dtype) for n, p in params if p.ds_tensor.dtype != want]

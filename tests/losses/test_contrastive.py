@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megaclip.config import ObjectiveConfig
+from megaclip.engine.step import Objective
 from megaclip.losses import ClipLoss, SigLipLoss
 
 N, D = 8, 16  # global batch, feature size
@@ -25,12 +27,24 @@ def _loss(kind):
             "siglip": SigLipLoss()}[kind]
 
 
+def _second_view(img):
+    """A second global view's features of the same images (SILC)."""
+    return torch.nn.functional.normalize(img + 0.5 * img.roll(1, 1), dim=-1)
+
+
 def _run(kind, img, txt, rows):
     img = img[rows].clone().requires_grad_(True)
     txt = txt[rows].clone().requires_grad_(True)
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-2.0, requires_grad=True)
-    terms = _loss(kind)(image_features=img, text_features=txt, logit_scale=scale, logit_bias=bias)
+    if kind.endswith("_views"):  # the objective's mean over the global views of SILC
+        cfg = ObjectiveConfig(contrastive=kind.split("_")[0])
+        outputs = {"image_features": img, "view_image_features": _second_view(img)[None],
+                   "text_features": txt, "logit_scale": scale, "logit_bias": bias}
+        terms, _ = Objective(cfg, 10)(outputs, {})
+    else:
+        terms = _loss(kind)(image_features=img, text_features=txt, logit_scale=scale,
+                            logit_bias=bias)
     (loss,) = terms.values()
     loss.backward()
     return loss.detach(), img.grad, txt.grad, scale.grad, bias.grad
@@ -45,7 +59,8 @@ def _worker(rank, world, port, kind, queue):
     # What a data-parallel engine does: average losses and parameter gradients over ranks.
     vec = torch.stack([loss, gs, gb if gb is not None else torch.tensor(0.0)])
     dist.all_reduce(vec)
-    queue.put((rank, vec / world, gi, gt))
+    # numpy arrays are pickled by value; a tensor's shared memory dies with this process.
+    queue.put((rank, (vec / world).numpy(), gi.numpy(), gt.numpy()))
     dist.destroy_process_group()
 
 
@@ -56,7 +71,8 @@ def _free_port():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["clip_local", "clip_global", "siglip"])
+@pytest.mark.parametrize("kind", ["clip_local", "clip_global", "siglip", "siglip_views",
+                                  "clip_views"])
 def test_world_size_2_equals_single_process(kind):
     img, txt = _data()
     loss1, gi1, gt1, gs1, gb1 = _run(kind, img, txt, slice(0, N))
@@ -67,7 +83,8 @@ def test_world_size_2_equals_single_process(kind):
     procs = [ctx.Process(target=_worker, args=(r, 2, port, kind, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (v, gi, gt)) for r, v, gi, gt in (queue.get(timeout=120) for _ in procs))
+    results = {r: tuple(map(torch.from_numpy, arrays))
+               for r, *arrays in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -83,6 +100,19 @@ def test_world_size_2_equals_single_process(kind):
     gt2 = torch.cat([results[r][2] for r in range(2)]) / 2
     torch.testing.assert_close(gi2, gi1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gt2, gt1, rtol=1e-5, atol=1e-6)
+
+
+def test_the_contrastive_term_of_several_views_is_the_mean_of_each_view():
+    img, txt = _data()
+    scale, bias = torch.tensor(10.0), torch.tensor(-2.0)
+    other = _second_view(img)
+    outputs = {"image_features": img, "view_image_features": other[None], "text_features": txt,
+               "logit_scale": scale, "logit_bias": bias}
+    terms, _ = Objective(ObjectiveConfig(contrastive="siglip"), 10)(outputs, {})
+    each = [SigLipLoss()(image_features=f, text_features=txt, logit_scale=scale,
+                         logit_bias=bias)["siglip"] for f in (img, other)]
+    torch.testing.assert_close(terms["siglip"], (each[0] + each[1]) / 2)
+    assert not torch.allclose(each[0], each[1])  # the views differ, so the mean means something
 
 
 def test_clip_loss_is_minimal_for_matching_pairs():

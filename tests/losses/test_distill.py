@@ -63,18 +63,18 @@ def test_centre_moves_once_per_optimiser_step_and_not_on_a_skipped_one():
     other = teacher.flip(0) * 2  # a second micro-batch of the same step
     module = MaskedDistillLoss(MaskDistillConfig(prototypes=K, center_momentum=0.9), 100)
     module(student, teacher, masked, 50)
-    assert torch.equal(module.center, torch.zeros_like(module.center))  # not per micro-batch
+    assert torch.equal(module.centering.center, torch.zeros_like(module.centering.center))  # not per micro-batch
     module(student, other, masked, 50)
     module.end_step(applied=True)
     step_mean = torch.cat([teacher, other]).mean(dim=(0, 1))
-    assert torch.allclose(module.center.flatten(), 0.1 * step_mean, atol=1e-6)
+    assert torch.allclose(module.centering.center.flatten(), 0.1 * step_mean, atol=1e-6)
     module(student, teacher, masked, 51)
     module.end_step(applied=False)  # a skipped step leaves the centre as it was
-    assert torch.allclose(module.center.flatten(), 0.1 * step_mean, atol=1e-6)
+    assert torch.allclose(module.centering.center.flatten(), 0.1 * step_mean, atol=1e-6)
     module(student, teacher, masked, 52)
     module.end_step(applied=True)
     expected = 0.9 * 0.1 * step_mean + 0.1 * teacher.mean(dim=(0, 1))
-    assert torch.allclose(module.center.flatten(), expected, atol=1e-6)
+    assert torch.allclose(module.centering.center.flatten(), expected, atol=1e-6)
 
 
 def test_teacher_temperature_warms_up_linearly():

@@ -41,7 +41,9 @@ def _worker(rank, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     loss, grad = _run(slice(2 * rank, 2 * rank + 2))
     dist.all_reduce(loss)
-    queue.put((rank, loss / 2, grad / 2))  # what data parallelism does: the mean over ranks
+    # What data parallelism does: the mean over ranks. Sent as numpy arrays (pickled by value):
+    # a tensor would travel as a shared-memory handle that dies with this process.
+    queue.put((rank, (loss / 2).numpy(), (grad / 2).numpy()))
     dist.destroy_process_group()
 
 
@@ -54,7 +56,8 @@ def test_world_size_2_equals_the_mean_over_every_piece():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (loss, grad)) for r, loss, grad in (queue.get(timeout=120) for _ in procs))
+    results = dict((r, (torch.from_numpy(loss), torch.from_numpy(grad)))
+                   for r, loss, grad in (queue.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

@@ -1,0 +1,180 @@
+"""The objective's section of the config: which losses run, their weights and settings, and the
+named presets (METHODS.md sections 1-3). Part of the one typed config tree (``config.py``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass
+class MaskConfig:
+    """Image patch masks, drawn per sample in the data pipeline (METHODS.md 1)."""
+    ratio: float = 0.75
+    strategy: str = "random"  # random | block (BEiT-style rectangles)
+    block_min_patches: int = 16
+    block_min_aspect: float = 0.3
+
+
+@dataclass
+class MaskDistillConfig:
+    """Masked self-distillation: student decoder predicts the EMA teacher's soft codewords."""
+    weight: float = 0.0  # 0: off
+    prototypes: int = 8192
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_layers: int = 3
+    decoder_depth: int = 1
+    decoder_heads: Optional[int] = None  # None: the vision tower's
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04  # linear from this to teacher_temp ...
+    teacher_temp_warmup_fraction: float = 0.3  # ... over this fraction of train.steps
+    center_momentum: float = 0.9
+    freeze_prototypes_steps: int = 0  # the prototype layer does not learn for this many steps
+
+
+@dataclass
+class LocalGlobalConfig:
+    """Local-to-global self-distillation (SILC, METHODS.md 2): per sample, ``global_crops``
+    views at the model's image size and ``local_crops`` at ``local_size``, drawn in the data
+    pipeline; a DINO head on the pooled token of student and EMA teacher; cross-entropy from
+    each teacher global view to every other student view. The contrastive loss reads each
+    global view."""
+    weight: float = 0.0  # 0: off (one view per sample, as in clip/maskclip)
+    global_crops: int = 2
+    global_scale: tuple = (0.4, 1.0)
+    local_crops: int = 8
+    local_size: int = 96  # a multiple of the patch size; position embeddings are interpolated
+    local_scale: tuple = (0.05, 0.4)
+    # dino: flip, colour jitter, grayscale, blur, solarisation (DINO's recipe) | colour_safe:
+    # flip, brightness/contrast jitter and blur only (for data whose captions name colours) |
+    # none: flip only
+    photometric: str = "dino"
+    prototypes: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_layers: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04  # linear from this to teacher_temp ...
+    teacher_temp_warmup_fraction: float = 0.3  # ... over this fraction of train.steps
+    center_momentum: float = 0.9
+    freeze_prototypes_steps: int = 0  # the prototype layer does not learn for this many steps
+
+
+@dataclass
+class TextMlmConfig:
+    """BERT-style masked language modelling on the caption."""
+    weight: float = 0.0  # 0: off
+    mask_ratio: float = 0.2
+    mask_token_prob: float = 0.8  # of the chosen tokens: learnable [MASK] embedding ...
+    random_token_prob: float = 0.1  # ... a random token; the rest stay unchanged
+    decoder_depth: int = 4
+
+
+@dataclass
+class TeacherConfig:
+    """EMA teacher momentum: cosine from ``momentum`` to ``momentum_end`` over training."""
+    momentum: float = 0.996
+    momentum_end: float = 1.0  # set equal to momentum for a fixed value
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which losses run and their weights; weighting happens in one place (engine/step.py).
+
+    ``preset`` fills the values an experiment leaves unset (see OBJECTIVE_PRESETS)."""
+    preset: str = "clip"  # clip | maskclip | maskclip_flip | silc | maskclip+silc
+    contrastive: str = "clip"  # clip | siglip
+    contrastive_weight: float = 1.0
+    contrastive_view: str = "full"  # full: a separate unmasked student pass | masked: FLIP-style
+    local_loss: bool = True
+    siglip_init_bias: float = -10.0
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    mask_distill: MaskDistillConfig = field(default_factory=MaskDistillConfig)
+    local_global: LocalGlobalConfig = field(default_factory=LocalGlobalConfig)
+    text_mlm: TextMlmConfig = field(default_factory=TextMlmConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.mask_distill.weight > 0 or self.contrastive_view == "masked"
+
+    @property
+    def uses_multicrop(self) -> bool:
+        return self.local_global.weight > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.mask_distill.weight > 0 or self.local_global.weight > 0
+
+
+_MASKCLIP = {"contrastive_view": "full", "mask_distill": {"weight": 0.05},
+             "text_mlm": {"weight": 0.05}}
+# SILC: a fixed teacher momentum (a schedule that goes to 1 stops the teacher from learning from
+# the image-text loss).
+_SILC = {"local_global": {"weight": 1.0}, "teacher": {"momentum": 0.996, "momentum_end": 0.996}}
+
+# Objective presets: config values applied beneath the experiment file and the overrides.
+OBJECTIVE_PRESETS: dict[str, dict] = {
+    "clip": {},
+    # MaskCLIP as published: contrastive loss on a full-image student pass (METHODS.md 1).
+    "maskclip": _MASKCLIP,
+    # Cheaper: the contrastive loss reads the masked student pass (FLIP-style), no full pass.
+    "maskclip_flip": {**_MASKCLIP, "contrastive_view": "masked"},
+    # SILC (METHODS.md 2): contrastive on each global crop + local-to-global distillation.
+    "silc": _SILC,
+    # Both distillation terms from one teacher pass over the global crops; the masked view is
+    # the first global crop (METHODS.md 3).
+    "maskclip+silc": {**_MASKCLIP, **_SILC},
+}
+
+PHOTOMETRIC = ("dino", "colour_safe", "none")
+
+
+def validate_objective(obj: ObjectiveConfig, check: Callable[[bool, str], None]) -> None:
+    check(obj.contrastive in ("clip", "siglip"),
+          f"objective.contrastive must be 'clip' or 'siglip', got '{obj.contrastive}'")
+    check(obj.contrastive_view in ("full", "masked"),
+          f"objective.contrastive_view must be 'full' or 'masked', got '{obj.contrastive_view}'")
+    check(obj.mask.strategy in ("random", "block"),
+          f"objective.mask.strategy must be 'random' or 'block', got '{obj.mask.strategy}'")
+    check(0 < obj.mask.ratio < 1, f"objective.mask.ratio must be in (0, 1), got {obj.mask.ratio}")
+    check(0 < obj.mask.block_min_aspect <= 1, "objective.mask.block_min_aspect must be in (0, 1]")
+    check(obj.mask.block_min_patches >= 1, "objective.mask.block_min_patches must be >= 1")
+    check(0 < obj.text_mlm.mask_ratio < 1,
+          f"objective.text_mlm.mask_ratio must be in (0, 1), got {obj.text_mlm.mask_ratio}")
+    mlm = obj.text_mlm
+    check(mlm.mask_token_prob >= 0 and mlm.random_token_prob >= 0
+          and mlm.mask_token_prob + mlm.random_token_prob <= 1,
+          "objective.text_mlm.mask_token_prob + random_token_prob must lie in [0, 1]")
+    check(obj.mask_distill.weight >= 0 and obj.text_mlm.weight >= 0,
+          "objective.mask_distill.weight and objective.text_mlm.weight must be >= 0")
+    check(obj.mask_distill.prototypes > 0 and obj.mask_distill.decoder_depth > 0
+          and obj.text_mlm.decoder_depth > 0, "prototypes and decoder depths must be positive")
+    check(0 <= obj.teacher.momentum <= obj.teacher.momentum_end <= 1,
+          "objective.teacher needs 0 <= momentum <= momentum_end <= 1")
+    lg = obj.local_global
+    check(lg.weight >= 0, "objective.local_global.weight must be >= 0")
+    check(lg.global_crops >= 1 and lg.local_crops >= 0
+          and lg.global_crops + lg.local_crops >= 2,
+          "objective.local_global needs global_crops >= 1, local_crops >= 0 and at least two "
+          "views in all (a view is never distilled into itself)")
+    for name in ("global_scale", "local_scale"):
+        lo_hi = getattr(lg, name)
+        check(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1,
+              f"objective.local_global.{name} must be [lo, hi] with 0 < lo <= hi <= 1, "
+              f"got {list(lo_hi)}")
+    check(lg.photometric in PHOTOMETRIC,
+          f"objective.local_global.photometric must be one of {', '.join(PHOTOMETRIC)}, "
+          f"got '{lg.photometric}'")
+    check(lg.local_size > 0 and lg.prototypes > 0 and lg.head_layers >= 2,
+          "objective.local_global needs local_size > 0, prototypes > 0 and head_layers >= 2")
+    for name, section in (("mask_distill", obj.mask_distill), ("local_global", lg)):
+        check(section.student_temp > 0 and section.teacher_temp > 0
+              and section.teacher_temp_warmup > 0,
+              f"objective.{name}: temperatures must be > 0")
+        check(0 <= section.center_momentum < 1,
+              f"objective.{name}.center_momentum must be in [0, 1)")
+        check(section.freeze_prototypes_steps >= 0,
+              f"objective.{name}.freeze_prototypes_steps must be >= 0")
