@@ -1,7 +1,8 @@
-"""End to end through `deepspeed megaclip/train.py` at world size 2 with the maskclip objective:
-a run stopped after a checkpoint and resumed with --resume auto ends with the same parameters
-and the same EMA teacher as an uninterrupted one;
-tools/eval.py on the checkpoint reproduces the in-training evaluation."""
+"""End to end through `deepspeed megaclip/train.py` at world size 2 with the teacher objectives
+(maskclip+silc: masks, caption masks and multi-crop views from one teacher; silc under gradient
+accumulation): a run stopped after a checkpoint and resumed with --resume auto ends with the
+same parameters and the same EMA teacher as an uninterrupted one; the teacher moves once per
+optimiser step; tools/eval.py on the checkpoint reproduces the in-training evaluation."""
 import json
 import os
 import subprocess
@@ -11,7 +12,19 @@ import pytest
 import torch
 
 from megaclip.checkpoint import consolidate, consolidate_teacher
+from megaclip.engine.teacher import PREFIXES
 from tests.conftest import ROOT, free_port, run_tool, shared_memory_buffers, synthetic_overrides
+
+
+# Per preset: the settings of its runs. silc: micro-batches of 4 accumulated twice, a fixed
+# teacher momentum of 0.9 and a checkpoint after every step (all kept), so that consecutive
+# checkpoints show how far the teacher moved in one optimiser step.
+SETTINGS = {
+    "maskclip+silc": ["objective.preset=maskclip+silc", "train.micro_batch_size=8"],
+    "silc": ["objective.preset=silc", "train.micro_batch_size=4", "train.grad_accum_steps=2",
+             "train.ckpt_every=1", "train.keep_checkpoints=0", "objective.teacher.momentum=0.9",
+             "objective.teacher.momentum_end=0.9"],
+}
 
 
 def train(out, synthetic, *extra):
@@ -19,9 +32,9 @@ def train(out, synthetic, *extra):
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "megaclip/train.py",
            "--deepspeed_config", "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
            *synthetic_overrides(synthetic, out), "train.steps=6", "train.ckpt_every=3",
-           "train.micro_batch_size=8", "train.log_every=1", "data.workers=2",
-           "data.shuffle_buffer=30", "optim.warmup_steps=2", "objective.preset=maskclip",
-           "objective.mask_distill.prototypes=64", *extra]
+           "train.log_every=1", "data.workers=2", "data.shuffle_buffer=30",
+           "optim.warmup_steps=2", "objective.mask_distill.prototypes=64",
+           "objective.local_global.prototypes=64", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -29,10 +42,11 @@ def train(out, synthetic, *extra):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
+@pytest.mark.parametrize("preset", list(SETTINGS))
+def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     a, b = tmp_path / "a", tmp_path / "b"
     shm_before = shared_memory_buffers()
-    log_a = train(a, synthetic, "train.peak_tflops=2.0")
+    log_a = train(a, synthetic, *SETTINGS[preset], "train.peak_tflops=2.0")
     # Honest throughput: data wait, MFU against the given peak, an ETA from the first line on.
     first = next(line for line in log_a.splitlines() if line.startswith("step 1/6 "))
     assert "| data_time_s " in first and "| mfu " in first and not first.endswith("eta 0s")
@@ -43,10 +57,12 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
         assert r["train/step_time_s"] > r["train/data_time_s"] >= 0
         assert abs(r["train/mfu"] - r["train/tflops_per_device"] / 2.0) < 1e-9
         assert r["train/teacher_update_rms"] > 0
+        assert 0 < r["train/global_teacher_batch_entropy"]  # SILC's statistics logged
+        assert 0 < r["train/global_teacher_entropy"] and r["train/local_global"] > 0
     assert any("eval/zeroshot_top1" in r for r in rows)
-    log_b1 = train(b, synthetic, "--stop_after_steps", "3")
+    log_b1 = train(b, synthetic, *SETTINGS[preset], "--stop_after_steps", "3")
     assert "stopping after step 3" in log_b1 and "final zero-shot" not in log_b1
-    log_b2 = train(b, synthetic, "--resume", "auto")
+    log_b2 = train(b, synthetic, *SETTINGS[preset], "--resume", "auto")
     assert "resumed from step00000003 at step 3" in log_b2
     assert shared_memory_buffers() <= shm_before  # the ranks' shared memory went with them
 
@@ -71,6 +87,18 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic):
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)
     assert any(not torch.equal(t3[k], tb[k]) for k in tb)
+    assert any(k.startswith("global_head.") for k in ta)  # SILC's head is part of the EMA
+    if preset == "silc":
+        # One EMA update per optimiser step under accumulation 2: teacher_6 = m * teacher_5 +
+        # (1 - m) * student_6 (two updates would give m^2 * teacher_5 + ...).
+        t5 = consolidate_teacher(str(a / "checkpoints" / "step00000005"))
+        to_student = dict(PREFIXES.values())
+        student = {k: sa[next(to_student[p] + k[len(p):] for p in to_student
+                              if k.startswith(p))] for k in ta}
+        for k in ta:
+            torch.testing.assert_close(ta[k], 0.9 * t5[k] + 0.1 * student[k], rtol=1e-5,
+                                       atol=1e-6, msg=k)
+        return
 
     # tools/eval.py on the final checkpoint reproduces the evaluation the trainer ran.
     with open(a / "eval_step00000006.json") as f:
