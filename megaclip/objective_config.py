@@ -16,15 +16,12 @@ class MaskConfig:
 
 
 @dataclass
-class MaskDistillConfig:
-    """Masked self-distillation: student decoder predicts the EMA teacher's soft codewords."""
-    weight: float = 0.0  # 0: off
+class PrototypeTargetsConfig:
+    """A prototype head and DINO-style targets: what both distillation terms share."""
     prototypes: int = 8192
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_layers: int = 3
-    decoder_depth: int = 1
-    decoder_heads: Optional[int] = None  # None: the vision tower's
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     teacher_temp_warmup: float = 0.04  # linear from this to teacher_temp ...
@@ -34,12 +31,21 @@ class MaskDistillConfig:
 
 
 @dataclass
-class LocalGlobalConfig:
+class MaskDistillConfig(PrototypeTargetsConfig):
+    """Masked self-distillation: student decoder predicts the EMA teacher's soft codewords."""
+    weight: float = 0.0  # 0: off
+    decoder_depth: int = 1
+    decoder_heads: Optional[int] = None  # None: the vision tower's
+
+
+@dataclass
+class LocalGlobalConfig(PrototypeTargetsConfig):
     """Local-to-global self-distillation (SILC, METHODS.md 2): per sample, ``global_crops``
     views at the model's image size and ``local_crops`` at ``local_size``, drawn in the data
     pipeline; a DINO head on the pooled token of student and EMA teacher; cross-entropy from
     each teacher global view to every other student view. The contrastive loss reads each
     global view."""
+    prototypes: int = 65536
     weight: float = 0.0  # 0: off (one view per sample, as in clip/maskclip)
     global_crops: int = 2
     global_scale: tuple = (0.4, 1.0)
@@ -50,16 +56,6 @@ class LocalGlobalConfig:
     # flip, brightness/contrast jitter and blur only (for data whose captions name colours) |
     # none: flip only
     photometric: str = "dino"
-    prototypes: int = 65536
-    head_hidden: int = 2048
-    head_bottleneck: int = 256
-    head_layers: int = 3
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    teacher_temp_warmup: float = 0.04  # linear from this to teacher_temp ...
-    teacher_temp_warmup_fraction: float = 0.3  # ... over this fraction of train.steps
-    center_momentum: float = 0.9
-    freeze_prototypes_steps: int = 0  # the prototype layer does not learn for this many steps
 
 
 @dataclass

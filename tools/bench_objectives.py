@@ -18,6 +18,7 @@ from megaclip.errors import UserError, run_cli  # noqa: E402
 EXAMPLE = """examples:
   python tools/bench_objectives.py --preset vit_b16 --batch 64 --grad-checkpointing   # one GPU, bf16
   python tools/bench_objectives.py --deepspeed_config ds_configs/zero3_cpu.json      # tiny model, CPU, fp32
+  python tools/bench_objectives.py --objectives clip,silc objective.local_global.local_crops=4
 """
 
 
@@ -36,13 +37,15 @@ def parse_args(argv=None):
                    help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json, which needs a GPU; "
                         "on the CPU pass ds_configs/zero3_cpu.json)")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides applied to every objective (after the flags above)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def overrides(args) -> list[str]:
     return [f"model.preset={args.preset}", f"train.micro_batch_size={args.batch}",
-            f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}"]
+            f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}", *args.overrides]
 
 
 def main(argv=None) -> int:
