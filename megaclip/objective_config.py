@@ -149,9 +149,14 @@ def validate_objective(obj: ObjectiveConfig, check: Callable[[bool, str], None])
     check(obj.mask_distill.prototypes > 0 and obj.mask_distill.decoder_depth > 0
           and obj.text_mlm.decoder_depth > 0, "prototypes and decoder depths must be positive")
     check(0 <= obj.teacher.momentum <= obj.teacher.momentum_end <= 1,
-          "objective.teacher needs 0 <= momentum <= momentum_end <= 1")
+          f"objective.teacher needs 0 <= momentum <= momentum_end <= 1, got momentum "
+          f"{obj.teacher.momentum} and momentum_end {obj.teacher.momentum_end} (the silc presets "
+          f"fix both at 0.996: set momentum_end with momentum)")
     lg = obj.local_global
     check(lg.weight >= 0, "objective.local_global.weight must be >= 0")
+    check(not (obj.uses_multicrop and obj.contrastive_view == "masked"),
+          "objective.contrastive_view=masked cannot be combined with objective.local_global: "
+          "the contrastive loss reads every global crop, which the student sees whole anyway")
     check(lg.global_crops >= 1 and lg.local_crops >= 0
           and lg.global_crops + lg.local_crops >= 2,
           "objective.local_global needs global_crops >= 1, local_crops >= 0 and at least two "

@@ -47,3 +47,10 @@ class MaskedDistillLoss(nn.Module):
 
     def end_step(self, applied: bool) -> None:
         self.centering.end_step(applied)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the centring had its own module hold ``center`` (1, 1, K)."""
+        old = state_dict.pop(prefix + "center", None)
+        if old is not None and prefix + "centering.center" not in state_dict:
+            state_dict[prefix + "centering.center"] = old.reshape(-1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -72,8 +72,6 @@ class TwoTower(nn.Module):
             B = images.shape[0]
             if masked_pass is not None and self.contrastive_view == "masked":
                 image_feature = masked_pass[0]
-                if self.global_head is not None:  # the head still needs the global crops
-                    pooled = self.visual(view_major(images, views))[1][:, 0]
             else:  # every global crop in one pass
                 feature, tokens_ = self.visual(view_major(images, views))
                 image_feature, pooled = feature[:B], tokens_[:, 0]
@@ -84,7 +82,7 @@ class TwoTower(nn.Module):
             if masked_pass is not None and self.patch_decoder is not None:
                 decoded = self.patch_decoder(masked_pass[1], keep_index, masked_index)
                 out["student_patch_logits"] = self.distill_head(decoded)
-            if self.global_head is not None:
+            if self.global_head is not None and (views is not None or local_views is not None):
                 if local_views is not None and local_views.shape[1]:
                     local_pooled = self.visual(view_major(None, local_views))[1][:, 0]
                     pooled = torch.cat([pooled, local_pooled])

@@ -76,6 +76,8 @@ def test_local_size_must_tile_into_patches():
     ("objective.local_global.global_crops=0", "global_crops >= 1"),
     ("objective.local_global.local_scale=[0.5,0.2]", "local_scale"),
     ("objective.local_global.photometric=sepia", "photometric must be one of"),
+    ("objective.contrastive_view=masked", "cannot be combined with objective.local_global"),
+    ("objective.teacher.momentum=0.999", "set momentum_end with momentum"),
 ])
 def test_bad_multicrop_settings_are_named(override, needle):
     with pytest.raises(UserError, match=needle):

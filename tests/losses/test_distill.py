@@ -94,3 +94,14 @@ def test_mlm_loss_reads_the_chosen_positions_only():
     assert MlmLoss()(logits, tokens, target)["mlm"] < 1e-6
     logits[1, 12], logits[1, 13] = -10.0, 10.0
     assert MlmLoss()(logits, tokens, target)["mlm"] > 1.0
+
+
+def test_a_checkpoint_from_before_the_centring_module_still_loads():
+    """Objective states saved before ``Centering`` held ``distill.center`` shaped (1, 1, K)."""
+    from megaclip.config import ObjectiveConfig
+    from megaclip.engine.step import Objective
+    cfg = ObjectiveConfig(mask_distill=MaskDistillConfig(weight=0.05, prototypes=K))
+    objective = Objective(cfg, 100)
+    old = torch.arange(K, dtype=torch.float32).reshape(1, 1, K)
+    objective.load_state_dict({"distill.center": old})
+    assert torch.equal(objective.distill.centering.center, old.flatten())
