@@ -296,16 +296,22 @@ def load_teacher(tag_dir: str, teacher) -> None:
     teacher.load_state_dict(full)
 
 
-def consolidate(tag_dir: str) -> dict[str, torch.Tensor]:
+def consolidate(tag_dir: str, keep=None) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a checkpoint, from every rank's master shards
-    (DeepSpeed's own zero_to_fp32 reader; runs on one CPU process, any ZeRO stage)."""
+    (DeepSpeed's own zero_to_fp32 reader; runs on one CPU process, any ZeRO stage). With
+    ``keep`` (a predicate on names) only those tensors are built: the shards are read lazily,
+    so memory holds at most one copy of what is kept."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     tag_dir = os.path.abspath(tag_dir.rstrip("/"))
     if not os.path.isfile(os.path.join(tag_dir, MARKER)):
         raise UserError(f"'{tag_dir}' is not a complete megaclip checkpoint directory")
-    state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
-                                                     tag=os.path.basename(tag_dir))
-    return {k: v.float() for k, v in state.items()}
+    if keep is None:
+        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
+                                                         tag=os.path.basename(tag_dir))
+        return {k: v.float() for k, v in state.items()}
+    lazy = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
+                                                    tag=os.path.basename(tag_dir), lazy_mode=True)
+    return {k: v.contiguous().float() for k, v in lazy.items() if keep(k)}
 
 
 def checkpoint_config(tag_dir: str):

@@ -13,7 +13,7 @@ from PIL import Image
 from tests.conftest import ROOT, run_tool
 
 TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
-         "bench_objectives.py", "bench_resume.py"]
+         "bench_objectives.py", "bench_resume.py", "convert_checkpoint.py"]
 
 
 def run_train(*args):
@@ -126,3 +126,14 @@ def test_bench_resume_reads_as_much_after_many_samples_as_after_few(tmp_path, sy
     # and the batch: the same bound after 3000 samples as after 100.
     assert all(r["samples_read"] <= 2 * 40 + 50 + 8 for r in rows), rows
     assert "samples read before the first batch" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["no/such/run"], "neither a complete checkpoint nor a run"),
+    (["--formats", "onnx"], "--formats: unknown ['onnx']"),
+])
+def test_convert_checkpoint_bad_input_exits_2(tmp_path, args, message):
+    path = [] if args[0].startswith("--") else [args.pop(0)]
+    proc = run_tool("convert_checkpoint.py", *(path or [str(tmp_path)]), "--out",
+                    str(tmp_path / "out"), *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

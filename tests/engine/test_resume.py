@@ -110,3 +110,23 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     for k in ("zeroshot_top1", "zeroshot_top5", "i2t_R@5"):
         assert abs(during[k] - after[k]) < 1e-6, (k, during, after)
     assert "zeroshot_top1" in proc.stdout
+
+    # The ZeRO-3 checkpoint of 2 ranks, converted: timm loads the EMA teacher's encoder (strict)
+    # through the printed create_model call and embeds like megaclip's; --verify agrees.
+    exported = tmp_path / "exported"
+    proc = run_tool("convert_checkpoint.py", str(a), "--out", str(exported), "--encoder",
+                    "teacher", "--verify")
+    assert "verify safetensors: largest absolute difference" in proc.stdout
+    assert "verify timm (teacher): largest absolute difference" in proc.stdout
+    import timm
+    spec = json.loads((exported / "timm_vit.json").read_text())
+    model = timm.create_model(spec["arch"], pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(exported / "timm_vit.safetensors")), **spec["kwargs"]).eval()
+    from megaclip.checkpoint import checkpoint_config
+    from megaclip.models.vision import build_trunk
+    v = checkpoint_config(str(a / "checkpoints" / "step00000006")).model.vision
+    ours = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
+    ours.load_state_dict({k[len("trunk."):]: t for k, t in ta.items() if k.startswith("trunk.")})
+    images = torch.randn(3, 3, v.image_size, v.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), ours.eval()(images)[:, 0], rtol=0, atol=1e-5)

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Convert a megaclip checkpoint (any world size, any ZeRO stage) for downstream use:
+
+  safetensors  the whole model (fp32) as model.safetensors, the EMA teacher (if the run had one)
+               as ema_teacher.safetensors, and the resolved config.yaml beside them
+  timm         the image encoder (--encoder student or teacher) as timm_vit.safetensors for a
+               timm VisionTransformer with num_classes=0; the create_model call is printed and
+               written to timm_vit.json
+
+The shards are read lazily: memory holds one copy of what is written at a time. --verify loads
+each output in its library, embeds a random batch there and in megaclip, prints the largest
+absolute difference, and exits 1 above --tolerance."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaclip.errors import FatalError, UserError, run_cli  # noqa: E402
+
+FORMATS = ("safetensors", "timm")
+EXAMPLE = """examples:
+  python tools/convert_checkpoint.py runs/demo --out exported --verify        # newest checkpoint
+  python tools/convert_checkpoint.py runs/demo/checkpoints/step00000400 --out exported \\
+      --formats timm --encoder teacher
+then, in timm:
+  import json, timm; spec = json.load(open("exported/timm_vit.json"))
+  model = timm.create_model(spec["arch"], pretrained=True,
+                            pretrained_cfg_overlay=dict(file="exported/timm_vit.safetensors"),
+                            **spec["kwargs"])
+"""
+
+
+def find_checkpoint(path: str) -> str:
+    """A step directory as is; a run or checkpoints directory: its newest complete checkpoint."""
+    from megaclip.checkpoint_folder import is_complete, latest_checkpoint
+    path = os.path.abspath(path.rstrip("/"))
+    if is_complete(path):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = latest_checkpoint(root) if os.path.isdir(root) else None
+        if found:
+            return os.path.join(root, found)
+    raise UserError(f"'{path}' is neither a complete checkpoint nor a run or checkpoints "
+                    f"directory holding one")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
+                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint (.../stepNNNNNNNN), or a run directory or its "
+                                      "checkpoints/ (the newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--formats", default="safetensors,timm",
+                   help=f"comma separated, of {', '.join(FORMATS)} (default: both)")
+    p.add_argument("--encoder", choices=("student", "teacher"), default="student",
+                   help="which image encoder the timm export holds (default: student)")
+    p.add_argument("--verify", action="store_true",
+                   help="load each output in its library and compare embeddings with megaclip's")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest absolute difference --verify accepts (default: 1e-4)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise UserError(f"--formats: unknown {unknown or 'empty'}; choose from {', '.join(FORMATS)}")
+    import torch
+    from safetensors.torch import save_file
+
+    from megaclip import convert
+    from megaclip.checkpoint import (TEACHER_DIR, checkpoint_config, consolidate,
+                                     consolidate_teacher)
+    from megaclip.config import save_resolved
+
+    tag_dir = find_checkpoint(args.checkpoint)
+    cfg = checkpoint_config(tag_dir)
+    has_teacher = os.path.isdir(os.path.join(tag_dir, TEACHER_DIR))
+    if "timm" in formats and args.encoder == "teacher" and not has_teacher:
+        raise UserError(f"{tag_dir} has no EMA teacher (objective.preset "
+                        f"'{cfg.objective.preset}'); use --encoder student")
+    os.makedirs(args.out, exist_ok=True)
+    print(f"converting {tag_dir} ({cfg.model.preset}, objective {cfg.objective.preset})")
+    written, checks = [], []
+
+    if "safetensors" in formats:
+        state = consolidate(tag_dir, keep=lambda k: True)
+        save_file(convert.safetensors_state(state), os.path.join(args.out, "model.safetensors"))
+        written.append("model.safetensors")
+        del state
+        if has_teacher:
+            save_file(convert.safetensors_state({}, consolidate_teacher(tag_dir)),
+                      os.path.join(args.out, "ema_teacher.safetensors"))
+            written.append("ema_teacher.safetensors")
+        save_resolved(cfg, os.path.join(args.out, "config.yaml"))
+        written.append("config.yaml")
+        if args.verify:
+            checks.append(("safetensors", verify_safetensors(args.out, tag_dir)))
+    if "timm" in formats:
+        if args.encoder == "teacher":
+            trunk = convert.timm_vision(consolidate_teacher(tag_dir), teacher=True)
+        else:
+            trunk = convert.timm_vision(consolidate(
+                tag_dir, keep=lambda k: k.startswith(convert.STUDENT_TRUNK)))
+        arch, kwargs = convert.timm_create_kwargs(cfg.model)
+        save_file(convert.safetensors_state(trunk), os.path.join(args.out, "timm_vit.safetensors"))
+        with open(os.path.join(args.out, "timm_vit.json"), "w") as f:
+            json.dump({"arch": arch, "kwargs": kwargs, "encoder": args.encoder}, f, indent=1)
+        written += ["timm_vit.safetensors", "timm_vit.json"]
+        call = ", ".join([repr(arch)] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        print(f"timm: timm.create_model({call}, pretrained=True, pretrained_cfg_overlay="
+              f"dict(file='{os.path.join(args.out, 'timm_vit.safetensors')}'))")
+        if args.verify:
+            checks.append((f"timm ({args.encoder})", verify_timm(args.out, tag_dir, args.encoder)))
+    print(f"wrote {', '.join(written)} to {args.out}")
+    failed = [name for name, diff in checks if not diff <= args.tolerance]
+    for name, diff in checks:
+        print(f"verify {name}: largest absolute difference {diff:.3g} "
+              f"({'ok' if diff <= args.tolerance else 'ABOVE'} tolerance {args.tolerance:g})")
+    if failed:
+        raise FatalError(f"--verify: {', '.join(failed)} differ from megaclip by more than "
+                         f"{args.tolerance:g}")
+    return 0
+
+
+def _probe(cfg, n: int = 4):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    side = cfg.model.vision.image_size
+    images = torch.randn(n, 3, side, side, generator=g)
+    tokens = torch.randint(0, cfg.model.text.vocab_size, (n, cfg.model.text.context_length),
+                           generator=g)
+    return images, tokens, torch.full((n,), cfg.model.text.context_length // 2)
+
+
+def verify_safetensors(out: str, tag_dir: str) -> float:
+    """A megaclip model built from model.safetensors (strict) against one loaded from the
+    checkpoint: image and text embeddings of a random batch."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megaclip.checkpoint import load_for_inference
+    from megaclip.models import build_model
+    reference, cfg = load_for_inference(tag_dir)
+    model = build_model(cfg.model, cfg.objective, seed=1)
+    model.load_state_dict(load_file(os.path.join(out, "model.safetensors")), strict=True)
+    model.eval()
+    images, tokens, eot = _probe(cfg)
+    with torch.no_grad():
+        a, b = reference(images=images, tokens=tokens, eot=eot), model(images=images, tokens=tokens,
+                                                                         eot=eot)
+    return max(float((a[k] - b[k]).abs().max()) for k in ("image_features", "text_features"))
+
+
+def verify_timm(out: str, tag_dir: str, encoder: str) -> float:
+    """timm's model from the export (strict) against megaclip's trunk: the pooled class token."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from megaclip import convert
+    from megaclip.checkpoint import checkpoint_config, consolidate, consolidate_teacher
+    from megaclip.models.vision import build_trunk
+    cfg = checkpoint_config(tag_dir)
+    with open(os.path.join(out, "timm_vit.json")) as f:
+        spec = json.load(f)
+    model = timm.create_model(spec["arch"], **spec["kwargs"])
+    model.load_state_dict(load_file(os.path.join(out, "timm_vit.safetensors")), strict=True)
+    v = cfg.model.vision
+    ours = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
+    state = (convert.timm_vision(consolidate_teacher(tag_dir), teacher=True) if encoder == "teacher"
+             else convert.timm_vision(consolidate(tag_dir, keep=lambda k: k.startswith(
+                 convert.STUDENT_TRUNK))))
+    ours.load_state_dict(state, strict=True)
+    images = _probe(cfg)[0]
+    with torch.no_grad():
+        return float((model.eval()(images) - ours.eval()(images)[:, 0]).abs().max())
+
+
+if __name__ == "__main__":
+    run_cli(main)
