@@ -64,3 +64,100 @@ def split_safetensors_state(state: dict[str, torch.Tensor]
     teacher = {k[len(TEACHER_PREFIX):]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
     model = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
     return model, teacher
+
+
+# --------------------------------------------------------------------------- open_clip
+
+def open_clip_model_config(cfg: ModelConfig, contrastive: str, eos_id: int, pad_id: int) -> dict:
+    """An open_clip model config (``open_clip.add_model_config``) with megaclip's towers:
+    open_clip's own ViT (no pre-norm, class-token pooling, timm's LayerNorm eps) and its text
+    transformer pooled at the tokenizer's end-of-text id."""
+    v, t = cfg.vision, cfg.text
+    out = {
+        "embed_dim": cfg.embed_dim,
+        "custom_text": True,
+        "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                       "layers": v.depth, "head_width": v.width // v.heads,
+                       "mlp_ratio": v.mlp_ratio, "no_ln_pre": True, "pool_type": "tok",
+                       "norm_kwargs": {"eps": 1e-6}},
+        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
+                     "width": t.width, "heads": t.heads, "layers": t.depth,
+                     "mlp_ratio": t.mlp_ratio, "pool_type": "eos", "eos_id": eos_id,
+                     "pad_id": pad_id, "proj_bias": False,
+                     "norm_kwargs": {"eps": 1e-6}},
+    }
+    if contrastive == "siglip":
+        out["init_logit_bias"] = -10.0
+    return out
+
+
+def _blocks_to_open_clip(state: dict, src: str, dst: str, depth: int) -> dict:
+    """timm ``Block`` i under ``src`` -> open_clip ``ResidualAttentionBlock`` i under ``dst``."""
+    names = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight",
+             "attn.qkv.bias": "attn.in_proj_bias", "attn.proj": "attn.out_proj",
+             "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    out = {}
+    for i in range(depth):
+        prefix = f"{src}blocks.{i}."
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            mapped = next((new + rest[len(old):] for old, new in names.items()
+                           if rest.startswith(old)), None)
+            if mapped is None:
+                raise KeyError(f"no open_clip name for {key}")
+            out[f"{dst}transformer.resblocks.{i}.{mapped}"] = value
+    return out
+
+
+def open_clip_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A consolidated megaclip model state -> open_clip ``CustomTextCLIP`` state (strict).
+
+    The patch embedding's bias (timm has one, open_clip's conv has none) is folded into the
+    patch positions' embeddings, which adds the same vector to the same tokens."""
+    v, t = "visual.trunk.", "text."
+    pos = state[v + "pos_embed"][0].clone()
+    pos[1:] += state[v + "patch_embed.proj.bias"]
+    out = {
+        "visual.conv1.weight": state[v + "patch_embed.proj.weight"],
+        "visual.class_embedding": state[v + "cls_token"].reshape(-1),
+        "visual.positional_embedding": pos,
+        "visual.ln_post.weight": state[v + "norm.weight"],
+        "visual.ln_post.bias": state[v + "norm.bias"],
+        "visual.proj": state["visual.proj.weight"].T,
+        "text.token_embedding.weight": state[t + "token_embedding.weight"],
+        "text.positional_embedding": state[t + "positional_embedding"],
+        "text.ln_final.weight": state[t + "ln_final.weight"],
+        "text.ln_final.bias": state[t + "ln_final.bias"],
+        "text.text_projection": state[t + "proj.weight"].T,
+        "logit_scale": state["logit_scale"].reshape(()),
+    }
+    if "logit_bias" in state:
+        out["logit_bias"] = state["logit_bias"].reshape(())
+    out.update(_blocks_to_open_clip(state, v, "visual.", cfg.vision.depth))
+    out.update(_blocks_to_open_clip(state, t, "text.", cfg.text.depth))
+    return {k: x.contiguous() for k, x in out.items()}
+
+
+TOKENIZER_MODULE = '''"""The tokenizer of this export: the ids megaclip trained on, [BOS] pieces... [EOS] [PAD]...
+    import sys; sys.path.insert(0, "<export dir>")
+    from megaclip_tokenizer import tokenize; tokens = tokenize(["a photo of a dog"])
+"""
+import os
+
+import sentencepiece as spm
+import torch
+
+CONTEXT_LENGTH, BOS, EOS, PAD = {context_length}, {bos}, {eos}, {pad}
+_SP = spm.SentencePieceProcessor(model_file=os.path.join(os.path.dirname(__file__), "spm.model"))
+
+
+def tokenize(texts, context_length=CONTEXT_LENGTH):
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = torch.full((len(texts), context_length), PAD, dtype=torch.long)
+    for i, ids in enumerate(_SP.encode(texts)):
+        seq = [BOS] + ids[: context_length - 2] + [EOS]
+        out[i, : len(seq)] = torch.tensor(seq)
+    return out
+'''

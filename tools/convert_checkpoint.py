@@ -3,6 +3,9 @@
 
   safetensors  the whole model (fp32) as model.safetensors, the EMA teacher (if the run had one)
                as ema_teacher.safetensors, and the resolved config.yaml beside them
+  open_clip    open_clip_model.safetensors and its model config megaclip_<preset>.json, with the
+               SentencePiece tokenizer (spm.model) and megaclip_tokenizer.py that gives megaclip's
+               token ids; load with open_clip.add_model_config + create_model_and_transforms
   timm         the image encoder (--encoder student or teacher) as timm_vit.safetensors for a
                timm VisionTransformer with num_classes=0; the create_model call is printed and
                written to timm_vit.json
@@ -22,12 +25,18 @@ if __package__ in (None, ""):  # run as a script: the package beside it, not an 
 
 from megaclip.errors import FatalError, UserError, run_cli  # noqa: E402
 
-FORMATS = ("safetensors", "timm")
+FORMATS = ("safetensors", "timm", "open_clip")
 EXAMPLE = """examples:
   python tools/convert_checkpoint.py runs/demo --out exported --verify        # newest checkpoint
   python tools/convert_checkpoint.py runs/demo/checkpoints/step00000400 --out exported \\
       --formats timm --encoder teacher
-then, in timm:
+  python tools/convert_checkpoint.py runs/demo --out exported --formats open_clip --verify
+then, in open_clip (the model name is the config file's name):
+  import open_clip, sys; open_clip.add_model_config("exported/megaclip_tiny.json")
+  model, _, preprocess = open_clip.create_model_and_transforms(
+      "megaclip_tiny", pretrained="exported/open_clip_model.safetensors")
+  sys.path.insert(0, "exported"); from megaclip_tokenizer import tokenize
+and in timm:
   import json, timm; spec = json.load(open("exported/timm_vit.json"))
   model = timm.create_model(spec["arch"], pretrained=True,
                             pretrained_cfg_overlay=dict(file="exported/timm_vit.safetensors"),
@@ -55,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", help="a checkpoint (.../stepNNNNNNNN), or a run directory or its "
                                       "checkpoints/ (the newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--formats", default="safetensors,timm",
-                   help=f"comma separated, of {', '.join(FORMATS)} (default: both)")
+    p.add_argument("--formats", default=",".join(FORMATS),
+                   help=f"comma separated, of {', '.join(FORMATS)} (default: all)")
     p.add_argument("--encoder", choices=("student", "teacher"), default="student",
                    help="which image encoder the timm export holds (default: student)")
     p.add_argument("--verify", action="store_true",
@@ -119,6 +128,10 @@ def main(argv=None) -> int:
               f"dict(file='{os.path.join(args.out, 'timm_vit.safetensors')}'))")
         if args.verify:
             checks.append((f"timm ({args.encoder})", verify_timm(args.out, tag_dir, args.encoder)))
+    if "open_clip" in formats:
+        written += export_open_clip(args.out, tag_dir, cfg)
+        if args.verify:
+            checks.append(("open_clip", verify_open_clip(args.out, tag_dir)))
     print(f"wrote {', '.join(written)} to {args.out}")
     failed = [name for name, diff in checks if not diff <= args.tolerance]
     for name, diff in checks:
@@ -128,6 +141,70 @@ def main(argv=None) -> int:
         raise FatalError(f"--verify: {', '.join(failed)} differ from megaclip by more than "
                          f"{args.tolerance:g}")
     return 0
+
+
+def export_open_clip(out: str, tag_dir: str, cfg) -> list[str]:
+    """open_clip weights, model config, tokenizer model and tokenizer module; the names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megaclip import convert
+    from megaclip.checkpoint import consolidate
+    from megaclip.data.tokenizer import Tokenizer
+    if not os.path.isfile(cfg.data.tokenizer):
+        raise UserError(f"the run's tokenizer {cfg.data.tokenizer} is missing; open_clip needs it")
+    tok = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
+    skip = ("text.mask_embedding", "patch_decoder.", "distill_head.", "global_head.",
+            "text_decoder.")
+    state = consolidate(tag_dir, keep=lambda k: not k.startswith(skip))
+    save_file(convert.open_clip_state(state, cfg.model),
+              os.path.join(out, "open_clip_model.safetensors"))
+    del state
+    name = f"megaclip_{cfg.model.preset}"
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(convert.open_clip_model_config(cfg.model, cfg.objective.contrastive,
+                                                 tok.eos_id, tok.pad_id), f, indent=1)
+    shutil.copyfile(cfg.data.tokenizer, os.path.join(out, "spm.model"))
+    with open(os.path.join(out, "megaclip_tokenizer.py"), "w") as f:
+        f.write(convert.TOKENIZER_MODULE.format(context_length=tok.context_length,
+                                                bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id))
+    print(f"open_clip: open_clip.add_model_config('{os.path.join(out, name + '.json')}'); "
+          f"open_clip.create_model_and_transforms('{name}', pretrained="
+          f"'{os.path.join(out, 'open_clip_model.safetensors')}')")
+    return ["open_clip_model.safetensors", f"{name}.json", "spm.model", "megaclip_tokenizer.py"]
+
+
+def verify_open_clip(out: str, tag_dir: str) -> float:
+    """open_clip's model and the exported tokenizer against megaclip's: image and text
+    embeddings of the same pixels and the same captions (the ids must agree too)."""
+    import importlib.util
+
+    import open_clip
+    import torch
+
+    from megaclip.checkpoint import load_for_inference
+    from megaclip.data.tokenizer import Tokenizer
+    reference, cfg = load_for_inference(tag_dir)
+    name = f"megaclip_{cfg.model.preset}"
+    open_clip.add_model_config(os.path.join(out, f"{name}.json"))
+    model, _, _ = open_clip.create_model_and_transforms(
+        name, pretrained=os.path.join(out, "open_clip_model.safetensors"))
+    spec = importlib.util.spec_from_file_location("megaclip_tokenizer",
+                                                  os.path.join(out, "megaclip_tokenizer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    captions = ["a small red circle and two large blue squares.", "x", "the " * 100]
+    tokens, eot = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length).encode(captions)
+    if not torch.equal(module.tokenize(captions), tokens):
+        return float("inf")
+    images = _probe(cfg, len(captions))[0]
+    with torch.no_grad():
+        ours = reference(images=images, tokens=tokens, eot=eot)
+        theirs = model.eval()(images, tokens)
+        image, text = theirs[0], theirs[1]  # normalised features, as megaclip's
+    return max(float((ours["image_features"] - image).abs().max()),
+               float((ours["text_features"] - text).abs().max()))
 
 
 def _probe(cfg, n: int = 4):

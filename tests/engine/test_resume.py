@@ -118,6 +118,29 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
                     "teacher", "--verify")
     assert "verify safetensors: largest absolute difference" in proc.stdout
     assert "verify timm (teacher): largest absolute difference" in proc.stdout
+    assert "verify open_clip: largest absolute difference" in proc.stdout
+    # open_clip, as a user loads it: the model config, the weights, the exported tokenizer.
+    import importlib.util
+    import open_clip
+    from megaclip.checkpoint import load_for_inference
+    from megaclip.data.tokenizer import Tokenizer
+    reference, cfg = load_for_inference(str(a / "checkpoints" / "step00000006"))
+    open_clip.add_model_config(str(exported / "megaclip_tiny.json"))
+    oc_model, _, _ = open_clip.create_model_and_transforms(
+        "megaclip_tiny", pretrained=str(exported / "open_clip_model.safetensors"))
+    spec = importlib.util.spec_from_file_location("megaclip_tokenizer",
+                                                  exported / "megaclip_tokenizer.py")
+    tok_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tok_module)
+    captions = ["a small red circle.", "two large green triangles and a blue square."]
+    tokens, eot = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length).encode(captions)
+    assert torch.equal(tok_module.tokenize(captions), tokens)
+    pixels = torch.randn(2, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
+    with torch.no_grad():
+        ours = reference(images=pixels, tokens=tokens, eot=eot)
+        theirs = oc_model.eval()(pixels, tok_module.tokenize(captions))
+    torch.testing.assert_close(theirs[0], ours["image_features"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs[1], ours["text_features"], rtol=0, atol=1e-5)
     import timm
     spec = json.loads((exported / "timm_vit.json").read_text())
     model = timm.create_model(spec["arch"], pretrained=True, pretrained_cfg_overlay=dict(
