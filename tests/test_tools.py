@@ -7,13 +7,14 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, run_tool
 
 TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
-         "bench_objectives.py", "bench_resume.py", "convert_checkpoint.py"]
+         "bench_objectives.py", "bench_resume.py", "convert_checkpoint.py", "make_eval_set.py"]
 
 
 def run_train(*args):
@@ -136,4 +137,67 @@ def test_convert_checkpoint_bad_input_exits_2(tmp_path, args, message):
     path = [] if args[0].startswith("--") else [args.pop(0)]
     proc = run_tool("convert_checkpoint.py", *(path or [str(tmp_path)]), "--out",
                     str(tmp_path / "out"), *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _image_tree(root, classes=("golden_retriever", "tabby-cat"), per_class=5, masks=None):
+    for c, name in enumerate(classes):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (20 + i, 16), (40 * c, 30 * i, 90))
+            img.save(root / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+            if masks is not None:
+                os.makedirs(masks / name, exist_ok=True)
+                mask = np.zeros((16, 20 + i), dtype=np.int64)
+                mask[4:10, 5:12] = c + 1
+                np.save(masks / name / f"{i}.npy", mask)
+
+
+def test_make_eval_set_from_an_image_folder_with_masks(tmp_path):
+    from megaclip.data.eval_set import EvalSet
+    from megaclip.data.shards import iter_shard
+    _image_tree(tmp_path / "images", masks=tmp_path / "masks")
+    proc = run_tool("make_eval_set.py", "--images", str(tmp_path / "images"), "--out",
+                    str(tmp_path / "out"), "--splits", "train=0.6,test=0.4", "--masks",
+                    str(tmp_path / "masks"))
+    assert "train: 6 images" in proc.stdout and "test: 4 images" in proc.stdout
+    meta = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert meta["classnames"] == ["golden retriever", "tabby cat"] and len(meta["templates"]) == 7
+    test = EvalSet(str(tmp_path / "out" / "test" / "shard-000000.tar"),
+                   str(tmp_path / "out" / "classes.json"), 16, (0.5,) * 3, (0.5,) * 3)
+    assert sorted(test.labels.tolist()) == [0, 0, 1, 1]  # both classes in every split
+    assert test.images([0, 1]).shape == (2, 3, 16, 16)
+    sample = next(iter_shard(str(tmp_path / "out" / "test" / "shard-000000.tar")))
+    mask = np.load(io.BytesIO(sample["mask.npy"]))
+    assert mask.shape[0] == 16 and set(np.unique(mask)) <= {0, 1, 2}
+
+
+def test_make_eval_set_from_a_labels_csv(tmp_path):
+    _image_tree(tmp_path / "photos", classes=("a", "b", "c"), per_class=2)
+    rows = [("path", "class")] + [(f"{c}/{i}.{'jpg' if i % 2 else 'png'}", f"label {c}")
+                                   for c in "abc" for i in range(2)]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    (tmp_path / "t.txt").write_text("a picture of {}.\n{} seen from above\n")
+    proc = run_tool("make_eval_set.py", "--csv", str(tmp_path / "labels.csv"), "--root",
+                    str(tmp_path / "photos"), "--templates", str(tmp_path / "t.txt"), "--out",
+                    str(tmp_path / "out"))
+    assert "test: 6 images" in proc.stdout
+    meta = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert meta == {"classnames": ["label a", "label b", "label c"],
+                    "templates": ["a picture of {}.", "{} seen from above"]}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--images", "nowhere"], "image folder 'nowhere' does not exist"),
+    (["--images", "IMAGES", "--splits", "train=x"], "expected NAME=FRACTION"),
+    (["--images", "IMAGES", "--masks", "EMPTY"], "no mask for"),
+    (["--images", "IMAGES", "--masks", "IMAGES"], "its image is 16x20 (h x w)"),  # RGB "masks"
+])
+def test_make_eval_set_bad_input_exits_2(tmp_path, args, message):
+    _image_tree(tmp_path / "images", per_class=1)
+    os.makedirs(tmp_path / "empty")
+    places = {"IMAGES": str(tmp_path / "images"), "EMPTY": str(tmp_path / "empty")}
+    args = [places.get(a, a) for a in args]
+    proc = run_tool("make_eval_set.py", *args, "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Build an evaluation set from your own labelled images: an ImageFolder tree (one subfolder per
+class) or a labels CSV, split deterministically per class into named parts (for the linear
+probe: train, val, test), with class names, prompt templates and optional per-pixel masks.
+
+Writes OUT/<split>/shard-NNNNNN.tar (image, caption from the first template, class index,
+mask.npy when --masks is given) and OUT/classes.json ({"classnames", "templates"}); point
+eval.shards and eval.classes (or tools/eval.py --shards/--classes) at them."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megaclip.errors import UserError, run_cli  # noqa: E402
+
+EXAMPLE = """examples:
+  python tools/make_eval_set.py --images imagenet/val --out eval/imagenet --splits test=1
+  python tools/make_eval_set.py --images pets/ --out eval/pets --splits train=0.6,val=0.2,test=0.2 \\
+      --classnames pets_names.txt --templates templates.txt
+  python tools/make_eval_set.py --csv labels.csv --root photos/ --masks masks/ --out eval/seg
+  (labels.csv: a header with image|path|file|filename and label|class|category columns; masks/
+   mirrors the image paths with .png or .npy masks of class indices, one per image)
+"""
+
+
+def parse_splits(spec: str) -> dict[str, float]:
+    out = {}
+    for part in spec.split(","):
+        name, sep, frac = part.partition("=")
+        try:
+            value = float(frac)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise UserError(f"--splits '{spec}': expected NAME=FRACTION[,NAME=FRACTION...] with "
+                            f"positive fractions")
+        out[name] = value
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tools/make_eval_set.py", description=__doc__, epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="ImageFolder root: one subfolder of images per class")
+    src.add_argument("--csv", help="labels CSV (image path, label); see --root")
+    p.add_argument("--root", default=".", help="folder the CSV's image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--splits", default="test=1", help="NAME=FRACTION,... (default: test=1)")
+    p.add_argument("--classnames", help="class names: one per line in label order, or a JSON "
+                                        "object {folder or CSV label: name}")
+    p.add_argument("--templates", help="prompt templates, one per line with {} for the class "
+                                       "(default: CLIP's 7-template ensemble)")
+    p.add_argument("--masks", help="folder of per-pixel masks mirroring the image paths")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-class split")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    args = p.parse_args(argv)
+    if args.shard_size <= 0:
+        raise UserError("--shard-size must be positive")
+    splits = parse_splits(args.splits)
+
+    from megaclip.data import eval_builder as eb
+    from megaclip.data.writer import shard_pattern, write_shards
+    if args.images:
+        folders, items = eb.folder_items(args.images)
+        root = args.images
+    else:
+        folders, items = eb.csv_items(args.csv, args.root)
+        root = args.root
+    classnames = eb.read_classnames(args.classnames, folders)
+    templates = eb.read_templates(args.templates)
+    if args.masks and not os.path.isdir(args.masks):
+        raise UserError(f"mask folder '{args.masks}' does not exist")
+    os.makedirs(args.out, exist_ok=True)
+    for name, part in eb.split_items(items, splits, args.seed).items():
+        paths = write_shards(eb.samples(part, classnames, templates, root, args.masks, name),
+                             os.path.join(args.out, name), maxcount=args.shard_size)
+        print(f"{name}: {len(part)} images in {len(paths)} shards: {shard_pattern(paths)}")
+    classes_file = os.path.join(args.out, "classes.json")
+    with open(classes_file, "w") as f:
+        json.dump({"classnames": classnames, "templates": templates}, f, indent=1)
+    print(f"classes: {classes_file} ({len(classnames)} classes, {len(templates)} templates, "
+          f"chance {1 / len(classnames):.4f})" + (", with masks" if args.masks else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
