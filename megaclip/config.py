@@ -92,6 +92,9 @@ class EvalConfig:
     classes: str = ""  # JSON file: {"classnames": [...], "templates": [...]}
     every_steps: int = 0  # 0: only at the end of training
     batch_size: int = 64
+    # Also the frozen-feature evaluations (megaclip/probes.py): linear probe, and with masks in
+    # the set, dense probe and zero-shot segmentation.
+    probes: bool = False
 
 
 @dataclass

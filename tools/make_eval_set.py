@@ -4,7 +4,8 @@ class) or a labels CSV, split deterministically per class into named parts (for 
 probe: train, val, test), with class names, prompt templates and optional per-pixel masks.
 
 Writes OUT/<split>/shard-NNNNNN.tar (image, caption from the first template, class index,
-mask.npy when --masks is given) and OUT/classes.json ({"classnames", "templates"}); point
+mask.npy when --masks is given) and OUT/classes.json ({"classnames", "templates" and, with
+--background-prompts, "background"}); point
 eval.shards and eval.classes (or tools/eval.py --shards/--classes) at them."""
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--templates", help="prompt templates, one per line with {} for the class "
                                        "(default: CLIP's 7-template ensemble)")
     p.add_argument("--masks", help="folder of per-pixel masks mirroring the image paths")
+    p.add_argument("--background-prompts", nargs="+", default=[], metavar="PROMPT",
+                   help="with --masks whose label 0 is the background: prompts naming it, so "
+                        "zero-shot segmentation scores it (otherwise label 0 is ignored)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class split")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     args = p.parse_args(argv)
@@ -83,7 +87,10 @@ def main(argv=None) -> int:
         print(f"{name}: {len(part)} images in {len(paths)} shards: {shard_pattern(paths)}")
     classes_file = os.path.join(args.out, "classes.json")
     with open(classes_file, "w") as f:
-        json.dump({"classnames": classnames, "templates": templates}, f, indent=1)
+        meta = {"classnames": classnames, "templates": templates}
+        if args.background_prompts:
+            meta["background"] = list(args.background_prompts)
+        json.dump(meta, f, indent=1)
     print(f"classes: {classes_file} ({len(classnames)} classes, {len(templates)} templates, "
           f"chance {1 / len(classnames):.4f})" + (", with masks" if args.masks else ""))
     return 0

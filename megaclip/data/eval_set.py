@@ -30,6 +30,8 @@ class EvalSet:
             raise UserError(f"eval shards '{shards}' hold no samples")
         self.image_keys, self.caption_key = tuple(image_keys), caption_key
         self.transform = eval_transform(image_size, mean, std)
+        self.image_size = image_size
+        self.background_templates: list[str] = list(meta.get("background", []))
         self.labels = torch.tensor([int(s["cls"]) for s in self.samples])
         try:
             self.captions = [decode_caption(s, caption_key) for s in self.samples]
@@ -47,6 +49,25 @@ class EvalSet:
             except BadSample as e:
                 raise UserError(f"eval sample {self.samples[i]['__key__']}: {e}") from None
             out.append(self.transform(img))
+        return torch.stack(out)
+
+    @property
+    def has_masks(self) -> bool:
+        return all("mask.npy" in s for s in self.samples)
+
+    def masks(self, indices: list[int]) -> torch.Tensor:
+        """Per-pixel labels (B, S, S) int64, cut like the images (resize of the shorter side,
+        nearest, then the centre crop)."""
+        import io
+
+        import numpy as np
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+        cut = v2.Compose([v2.Resize(self.image_size), v2.CenterCrop(self.image_size)])
+        out = []
+        for i in indices:
+            mask = torch.from_numpy(np.load(io.BytesIO(self.samples[i]["mask.npy"])))
+            out.append(cut(tv_tensors.Mask(mask[None]))[0].long())
         return torch.stack(out)
 
     def prompts(self) -> list[str]:

@@ -3,7 +3,8 @@ random positions, with captions that describe them. Deterministic from a seed; l
 minutes.
 
 The held-out evaluation split holds one kind of object per image; its zero-shot classes are the
-(colour, shape) pairs, named by prompts such as "a photo of a red circle.".
+(colour, shape) pairs, named by prompts such as "a photo of a red circle.", and each image
+carries its object mask (``mask.npy``: 0 background, 1 + class on the object) for dense probes.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import random
 from typing import Iterator
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -28,6 +30,8 @@ REGIONS = {"anywhere": ((0.22, 0.78), (0.22, 0.78)), "left": ((0.2, 0.4), (0.2, 
 COUNTS = {1: "one", 2: "two", 3: "three"}
 TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "one {} on a plain background.")
 CLASSNAMES = [f"{c} {s}" for c in COLORS for s in SHAPES]
+# Prompts of mask label 0 (the background) for zero-shot segmentation.
+BACKGROUND_TEMPLATES = ("a plain grey background.", "an empty background.")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
@@ -52,19 +56,24 @@ def _plural(rng: random.Random, count: int, size: str, color: str, shape: str) -
     return f"{article} {size} {color} {noun}"
 
 
-def render(rng: random.Random, side: int, objects: list[dict]) -> Image.Image:
-    """Objects: dicts with shape, color, size, region, count."""
+def render(rng: random.Random, side: int, objects: list[dict], mask: Image.Image | None = None
+           ) -> Image.Image:
+    """Objects: dicts with shape, color, size, region, count (and ``label``, the value their
+    pixels get in ``mask``, an "L" image of the same size, when one is given)."""
     shade = rng.randint(200, 245)
     img = Image.new("RGB", (side, side), (shade, shade, shade + rng.randint(-10, 10)))
     draw = ImageDraw.Draw(img)
+    mask_draw = ImageDraw.Draw(mask) if mask is not None else None
     for obj in objects:
         (x0, x1), (y0, y1) = REGIONS[obj["region"]]
         r = SIZES[obj["size"]] * side * rng.uniform(0.85, 1.15)
         base = COLORS[obj["color"]]
         for _ in range(obj["count"]):
             fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in base)
-            _draw_shape(draw, obj["shape"], rng.uniform(x0, x1) * side, rng.uniform(y0, y1) * side,
-                        r, fill)
+            cx, cy = rng.uniform(x0, x1) * side, rng.uniform(y0, y1) * side
+            _draw_shape(draw, obj["shape"], cx, cy, r, fill)
+            if mask_draw is not None:
+                _draw_shape(mask_draw, obj["shape"], cx, cy, r, obj["label"])
     return img
 
 
@@ -91,10 +100,16 @@ def eval_sample(seed: int, index: int, side: int) -> dict:
     rng = random.Random(f"{seed}-eval-{index}")
     label = index % len(CLASSNAMES)
     color, shape = CLASSNAMES[label].split(" ")
-    obj = dict(shape=shape, color=color, size=rng.choice(list(SIZES)), region="anywhere", count=1)
-    img = render(rng, side, [obj])
+    obj = dict(shape=shape, color=color, size=rng.choice(list(SIZES)), region="anywhere", count=1,
+               label=label + 1)
+    mask = Image.new("L", (side, side), 0)
+    img = render(rng, side, [obj], mask)
     caption = f"{_plural(rng, 1, obj['size'], color, shape)}."
-    return {"__key__": f"eval{index:08d}", "jpg": _jpeg(img), "txt": caption, "cls": str(label)}
+    buf = io.BytesIO()
+    np.save(buf, np.array(mask, dtype=np.int64))
+    # mask.npy: per pixel, 0 for the background and 1 + the class index on the object.
+    return {"__key__": f"eval{index:08d}", "jpg": _jpeg(img), "txt": caption, "cls": str(label),
+            "mask.npy": buf.getvalue()}
 
 
 def iter_split(split: str, count: int, seed: int, side: int) -> Iterator[dict]:
@@ -106,7 +121,8 @@ def iter_split(split: str, count: int, seed: int, side: int) -> Iterator[dict]:
 def write_classes(path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"classnames": CLASSNAMES, "templates": list(TEMPLATES)}, f, indent=1)
+        json.dump({"classnames": CLASSNAMES, "templates": list(TEMPLATES),
+                   "background": list(BACKGROUND_TEMPLATES)}, f, indent=1)
 
 
 def chance_accuracy() -> float:

@@ -30,6 +30,7 @@ from megaclip.engine.step import Objective, to_device, train_step
 from megaclip.engine.teacher import EmaTeacher, momentum_at
 from megaclip.errors import UserError
 from megaclip.evaluation import evaluate
+from megaclip.probes import run_probes
 from megaclip.models import build_model, resolve_model_config
 from megaclip.data.views import MultiCrop
 from megaclip.models.registry import build_teacher_modules, check_multicrop, context_length
@@ -355,6 +356,9 @@ class Trainer:
         self.engine.eval()
         results = evaluate(self.engine.module, self.eval_set, self.tokenizer,
                            self.cfg.eval.batch_size, self.device, self.dtype)
+        if self.cfg.eval.probes:
+            results.update(run_probes(self.engine.module, self.eval_set, self.tokenizer,
+                                      self.cfg.eval.batch_size, self.device, self.dtype))
         self.engine.train()
         self.log.scalars(self.step, results, "eval/")
         if self.rank == 0:

@@ -46,7 +46,8 @@ def train(out, synthetic, *extra):
 def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     a, b = tmp_path / "a", tmp_path / "b"
     shm_before = shared_memory_buffers()
-    log_a = train(a, synthetic, *SETTINGS[preset], "train.peak_tflops=2.0")
+    log_a = train(a, synthetic, *SETTINGS[preset], "train.peak_tflops=2.0",
+                  f"eval.probes={str(preset == 'maskclip+silc').lower()}")
     # Honest throughput: data wait, MFU against the given peak, an ETA from the first line on.
     first = next(line for line in log_a.splitlines() if line.startswith("step 1/6 "))
     assert "| data_time_s " in first and "| mfu " in first and not first.endswith("eta 0s")
@@ -110,6 +111,9 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     for k in ("zeroshot_top1", "zeroshot_top5", "i2t_R@5"):
         assert abs(during[k] - after[k]) < 1e-6, (k, during, after)
     assert "zeroshot_top1" in proc.stdout
+    # The probes ran during training at world size 2 (eval.probes) and in tools/eval.py.
+    for k in ("linear_probe_top1", "dense_probe_miou", "zeroshot_seg_miou"):
+        assert 0 <= during[k] <= 1 and 0 <= after[k] <= 1 and k in proc.stdout
 
     # The ZeRO-3 checkpoint of 2 ranks, converted: timm loads the EMA teacher's encoder (strict)
     # through the printed create_model call and embeds like megaclip's; --verify agrees.
