@@ -95,6 +95,9 @@ class EvalConfig:
     # Also the frozen-feature evaluations (megaclip/probes.py): linear probe, and with masks in
     # the set, dense probe and zero-shot segmentation.
     probes: bool = False
+    # TensorBoard pictures at each evaluation: this many training samples with their masks and
+    # crops, and held-out images beside their patch-text similarity maps; 0: none.
+    pictures: int = 4
 
 
 @dataclass
@@ -323,6 +326,7 @@ def validate(cfg: Config) -> None:
           f"data.image_formats: unknown PIL format(s) {unknown}; known: {sorted(Image.OPEN)}")
     check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     check(cfg.eval.batch_size > 0, "eval.batch_size must be positive")
+    check(cfg.eval.pictures >= 0, "eval.pictures must be >= 0")
 
 
 def save_resolved(cfg: Config, path: str) -> None:

@@ -31,6 +31,7 @@ class EvalSet:
         self.image_keys, self.caption_key = tuple(image_keys), caption_key
         self.transform = eval_transform(image_size, mean, std)
         self.image_size = image_size
+        self.transform_mean, self.transform_std = tuple(mean), tuple(std)
         self.background_templates: list[str] = list(meta.get("background", []))
         self.labels = torch.tensor([int(s["cls"]) for s in self.samples])
         try:

@@ -73,6 +73,11 @@ class MetricLogger:
                              + "\n")
             self.jsonl.flush()
 
+    def image(self, step: int, tag: str, grid) -> None:
+        """A (3, H, W) picture in [0, 1] (TensorBoard's Images tab)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, grid, step)
+
     def console(self, step: int, values: dict[str, float]) -> None:
         """One line; the ETA is the measured step time (``step_time_s``) times the steps left."""
         if not self.enabled:

@@ -30,6 +30,7 @@ from megaclip.engine.step import Objective, to_device, train_step
 from megaclip.engine.teacher import EmaTeacher, momentum_at
 from megaclip.errors import UserError
 from megaclip.evaluation import evaluate
+from megaclip.pictures import similarity_maps, training_samples
 from megaclip.probes import run_probes
 from megaclip.models import build_model, resolve_model_config
 from megaclip.data.views import MultiCrop
@@ -216,6 +217,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(it)
                 data_time += time.perf_counter() - t0
+                self.last_batch = batch  # on the host, for the pictures at evaluation
                 batch = to_device(batch, self.device, self.dtype)
                 if (self.step + 1, self.rank) in self.inject_nan:
                     batch["images"] = batch["images"] * float("nan")
@@ -359,6 +361,14 @@ class Trainer:
         if self.cfg.eval.probes:
             results.update(run_probes(self.engine.module, self.eval_set, self.tokenizer,
                                       self.cfg.eval.batch_size, self.device, self.dtype))
+        count = self.cfg.eval.pictures
+        if count and self.cfg.train.tensorboard:  # every rank runs the forwards; rank 0 writes
+            maps = similarity_maps(self.engine.module, self.eval_set, self.tokenizer, self.device,
+                                   self.dtype, count)
+            self.log.image(self.step, "eval/patch_text_similarity", maps)
+            if getattr(self, "last_batch", None) is not None:
+                self.log.image(self.step, "train/samples", training_samples(
+                    self.last_batch, self.cfg.data.mean, self.cfg.data.std, count))
         self.engine.train()
         self.log.scalars(self.step, results, "eval/")
         if self.rank == 0:

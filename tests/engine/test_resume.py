@@ -111,6 +111,11 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     for k in ("zeroshot_top1", "zeroshot_top5", "i2t_R@5"):
         assert abs(during[k] - after[k]) < 1e-6, (k, during, after)
     assert "zeroshot_top1" in proc.stdout
+    # Pictures at the evaluation: training samples with masks and crops, similarity maps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(a / "tensorboard"), size_guidance={"images": 4})
+    events.Reload()
+    assert {"train/samples", "eval/patch_text_similarity"} <= set(events.Tags()["images"])
     # The probes ran during training at world size 2 (eval.probes) and in tools/eval.py.
     for k in ("linear_probe_top1", "dense_probe_miou", "zeroshot_seg_miou"):
         assert 0 <= during[k] <= 1 and 0 <= after[k] <= 1 and k in proc.stdout
