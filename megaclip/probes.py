@@ -66,9 +66,10 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
 
 
 def linear_probe(train: tuple, val: tuple, test: tuple, classes: int) -> dict[str, float]:
-    """(features, labels) per split -> test accuracy with the L2 weight best on val."""
-    best = max(REGULARISATION, key=lambda l2: (_accuracy(fit_linear(*train, classes, l2), *val),
-                                               -l2))
+    """(features, labels) per split -> test accuracy with the L2 weight best on val (a set too
+    small to hold a validation part gets 1e-4)."""
+    best = 1e-4 if len(val[1]) == 0 else max(
+        REGULARISATION, key=lambda l2: (_accuracy(fit_linear(*train, classes, l2), *val), -l2))
     head = fit_linear(*train, classes, best)
     return {"linear_probe_top1": _accuracy(head, *test), "linear_probe_l2": best}
 
@@ -180,34 +181,41 @@ def class_text_embeddings(model, tokenizer, names: list[str], templates: list[st
 
 @torch.no_grad()
 def run_probes(model, data, tokenizer, batch_size: int, device: torch.device, dtype: torch.dtype,
-               trunk=None) -> dict[str, float]:
-    """The frozen evaluations of ``data`` (an EvalSet; masks for the dense ones) with the
-    student's image trunk, or ``trunk`` (the EMA teacher's) for the probes; zero-shot
-    segmentation always reads the student, whose projection and text tower it needs."""
-    visual = model.visual
+               trunk=None, parts: Optional[tuple] = None) -> dict[str, float]:
+    """The frozen evaluations with the student's image trunk, or ``trunk`` (the EMA teacher's)
+    for the probes; zero-shot segmentation always reads the student, whose projection and text
+    tower it needs. ``data`` (an EvalSet) is cut 50/20/30% per class into train/val/test, unless
+    ``parts`` gives the (train, val) EvalSets, ``data`` then being the test split."""
+    sets = [*(parts or ()), data]
 
-    def student_tokens(idx):
-        return visual(data.images(idx).to(device, dtype))[1]
+    def tokens_of(dataset, encoder):
+        return gather_tokens(len(dataset), batch_size,
+                             lambda idx: encoder(dataset.images(idx).to(device, dtype)))
 
-    def probe_tokens(idx):
-        return trunk(data.images(idx).to(device, dtype)) if trunk is not None \
-            else student_tokens(idx)
-
-    n = len(data)
-    tokens = gather_tokens(n, batch_size, probe_tokens).float().cpu()
-    masks = data.masks(list(range(n))) if data.has_masks else None
+    def student(x):
+        return model.visual(x)[1]
+    probe = trunk if trunk is not None else student
+    tokens = torch.cat([tokens_of(d, probe).float().cpu() for d in sets])
+    labels = torch.cat([d.labels for d in sets])
+    splits = None
+    if parts:
+        ends = torch.tensor([len(d) for d in sets]).cumsum(0).tolist()
+        splits = tuple(torch.arange(a, b) for a, b in zip([0] + ends[:-1], ends))
+    has_masks = all(d.has_masks for d in sets)
+    masks = torch.cat([d.masks(list(range(len(d)))) for d in sets]) if has_masks else None
     patch_embeddings = class_embeddings = None
     background = bool(data.background_templates)
     if masks is not None:
-        student = tokens if trunk is None else gather_tokens(n, batch_size, student_tokens)
-        proj = visual.proj
-        patch_embeddings = torch.cat([proj(student[i:i + batch_size, 1:].to(device, dtype))
-                                      .float().cpu() for i in range(0, n, batch_size)])
+        own = tokens if trunk is None else torch.cat([tokens_of(d, student).float().cpu()
+                                                      for d in sets])
+        proj = model.visual.proj
+        patch_embeddings = torch.cat([proj(own[i:i + batch_size, 1:].to(device, dtype))
+                                      .float().cpu() for i in range(0, len(own), batch_size)])
         class_embeddings = class_text_embeddings(model, tokenizer, data.classnames,
                                                  data.templates, batch_size, device).cpu()
         if background:
             bg = class_text_embeddings(model, tokenizer, [""], data.background_templates,
                                        batch_size, device).cpu()
             class_embeddings = torch.cat([bg, class_embeddings])
-    return frozen_evaluations(tokens, data.labels, len(data.classnames), masks, patch_embeddings,
-                              class_embeddings, background)
+    return frozen_evaluations(tokens, labels, len(data.classnames), masks, patch_embeddings,
+                              class_embeddings, background, splits)

@@ -22,13 +22,37 @@ EXAMPLE = """example:
   python tools/eval.py --checkpoint runs/demo/checkpoints/step00000400
   python tools/eval.py --checkpoint CKPT --shards 'eval/shard-{000000..000003}.tar' \\
       --classes eval/classes.json --json results.json
+  python tools/eval.py --checkpoint CKPT --eval-set eval/pets --encoder teacher
 """
+
+
+def eval_set_splits(folder: str) -> dict[str, str]:
+    """{split: shard pattern} of a make_eval_set folder; "test" is its only split if alone."""
+    import glob
+
+    from megaclip.data.writer import shard_pattern
+    from megaclip.errors import UserError
+    if not os.path.isfile(os.path.join(folder, "classes.json")):
+        raise UserError(f"'{folder}' has no classes.json: is it a tools/make_eval_set.py folder?")
+    found = {}
+    for sub in sorted(os.listdir(folder)):
+        shards = sorted(glob.glob(os.path.join(folder, sub, "shard-*.tar")))
+        if shards:
+            found[sub] = shard_pattern(shards)
+    if "test" not in found and len(found) == 1:
+        found["test"] = next(iter(found.values()))
+    if "test" not in found:
+        raise UserError(f"'{folder}' has no test split (found: {', '.join(found) or 'none'})")
+    return found
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (.../stepNNNNNNNN)")
+    p.add_argument("--eval-set", help="a folder from tools/make_eval_set.py: zero-shot and "
+                                      "retrieval on its test split; with train and val splits, "
+                                      "the probes fit on train, choose on val, score on test")
     p.add_argument("--shards", help="eval shards (default: the eval.shards the run used)")
     p.add_argument("--classes", help="classes JSON (default: the eval.classes the run used)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -46,9 +70,19 @@ def main(argv=None) -> int:
 
     model, cfg = load_for_inference(args.checkpoint)
     tokenizer = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
-    data = EvalSet(args.shards or cfg.eval.shards, args.classes or cfg.eval.classes,
-                   cfg.model.vision.image_size, cfg.data.mean, cfg.data.std,
-                   cfg.data.image_keys, cfg.data.caption_key)
+
+    def eval_set(shards, classes):
+        return EvalSet(shards, classes, cfg.model.vision.image_size, cfg.data.mean, cfg.data.std,
+                       cfg.data.image_keys, cfg.data.caption_key)
+    parts = None
+    if args.eval_set:
+        splits = eval_set_splits(args.eval_set)
+        classes = os.path.join(args.eval_set, "classes.json")
+        data = eval_set(splits["test"], classes)
+        if "train" in splits and "val" in splits:
+            parts = (eval_set(splits["train"], classes), eval_set(splits["val"], classes))
+    else:
+        data = eval_set(args.shards or cfg.eval.shards, args.classes or cfg.eval.classes)
     results = evaluate(model, data, tokenizer, args.batch_size, torch.device("cpu"), torch.float32)
     if not args.no_probes:
         from megaclip.probes import run_probes
@@ -63,7 +97,7 @@ def main(argv=None) -> int:
                                    consolidate_teacher(args.checkpoint).items()
                                    if k.startswith("trunk.")})
         results.update(run_probes(model, data, tokenizer, args.batch_size, torch.device("cpu"),
-                                  torch.float32, trunk))
+                                  torch.float32, trunk, parts))
     print(f"{args.checkpoint}: {len(data)} images, {len(data.classnames)} classes "
           f"(chance {1 / len(data.classnames):.4f})")
     for k, v in results.items():
