@@ -267,8 +267,8 @@ def consolidate_teacher(tag_dir: str) -> dict[str, torch.Tensor]:
     files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if not files:
         raise UserError(f"checkpoint {tag_dir} holds no EMA teacher")
-    parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True)
-             for f in files]
+    parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True, mmap=True)
+             for f in files]  # mapped, not read: memory holds the joined teacher only
     head = parts[0]
     if not head["partitioned"]:
         return head["ema"]

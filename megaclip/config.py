@@ -95,6 +95,7 @@ class EvalConfig:
     # Also the frozen-feature evaluations (megaclip/probes.py): linear probe, and with masks in
     # the set, dense probe and zero-shot segmentation.
     probes: bool = False
+    probe_encoder: str = "student"  # student | teacher (the EMA teacher's trunk, if there is one)
     # TensorBoard pictures at each evaluation: this many training samples with their masks and
     # crops, and held-out images beside their patch-text similarity maps; 0: none.
     pictures: int = 4
@@ -327,6 +328,10 @@ def validate(cfg: Config) -> None:
     check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     check(cfg.eval.batch_size > 0, "eval.batch_size must be positive")
     check(cfg.eval.pictures >= 0, "eval.pictures must be >= 0")
+    check(cfg.eval.probe_encoder in ("student", "teacher"),
+          f"eval.probe_encoder must be 'student' or 'teacher', got '{cfg.eval.probe_encoder}'")
+    check(cfg.eval.probe_encoder == "student" or cfg.objective.uses_teacher,
+          "eval.probe_encoder=teacher needs an objective with an EMA teacher")
 
 
 def save_resolved(cfg: Config, path: str) -> None:

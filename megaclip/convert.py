@@ -8,6 +8,7 @@ state dicts and configs (no files, no model building).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,9 +31,10 @@ def timm_create_kwargs(cfg: ModelConfig) -> tuple[str, dict]:
     with exactly the keys and shapes of the trunk of the resolved model ``cfg``."""
     v = cfg.vision
     key = (v.patch_size, v.width, v.depth, v.heads)
-    arch = TIMM_ARCHS.get(key, "vit_base_patch16_224")
+    known = key in TIMM_ARCHS and v.mlp_ratio == 4.0
+    arch = TIMM_ARCHS[key] if known else "vit_base_patch16_224"
     kwargs = {"num_classes": 0, "img_size": v.image_size, "dynamic_img_size": True}
-    if key not in TIMM_ARCHS:
+    if not known:
         kwargs.update(patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
                       num_heads=v.heads, mlp_ratio=v.mlp_ratio)
     return arch, kwargs
@@ -71,7 +73,9 @@ def split_safetensors_state(state: dict[str, torch.Tensor]
 def open_clip_model_config(cfg: ModelConfig, contrastive: str, eos_id: int, pad_id: int) -> dict:
     """An open_clip model config (``open_clip.add_model_config``) with megaclip's towers:
     open_clip's own ViT (no pre-norm, class-token pooling, timm's LayerNorm eps) and its text
-    transformer pooled at the tokenizer's end-of-text id."""
+    transformer pooled at the tokenizer's end-of-text id. open_clip gives every text norm one
+    eps: 1e-6, the blocks'; megaclip's final text norm has 1e-5, a difference of about 1e-6 in
+    the text embeddings."""
     v, t = cfg.vision, cfg.text
     out = {
         "embed_dim": cfg.embed_dim,
@@ -131,7 +135,8 @@ def open_clip_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         "text.ln_final.weight": state[t + "ln_final.weight"],
         "text.ln_final.bias": state[t + "ln_final.bias"],
         "text.text_projection": state[t + "proj.weight"].T,
-        "logit_scale": state["logit_scale"].reshape(()),
+        # megaclip clamps the temperature in its forward; open_clip reads the parameter as is.
+        "logit_scale": state["logit_scale"].reshape(()).clamp(max=math.log(cfg.max_logit_scale)),
     }
     if "logit_bias" in state:
         out["logit_bias"] = state["logit_bias"].reshape(())

@@ -31,9 +31,11 @@ def split_by_class(labels: torch.Tensor, fractions: tuple, seed: int = 0) -> lis
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=g)].tolist()
-        start = 0
-        for i, frac in enumerate(fractions):
-            end = len(members) if i == len(fractions) - 1 else start + round(len(members) * frac)
+        start, cumulative = 0, 0.0
+        for i, frac in enumerate(fractions):  # boundaries rounded half up
+            cumulative += frac
+            end = len(members) if i == len(fractions) - 1 else min(
+                len(members), int(len(members) * cumulative + 0.5))
             parts[i].extend(members[start:end])
             start = end
     return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
@@ -41,8 +43,8 @@ def split_by_class(labels: torch.Tensor, fractions: tuple, seed: int = 0) -> lis
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
                steps: int = 100) -> torch.nn.Linear:
-    """Logistic regression by full-batch L-BFGS (deterministic), labels ``IGNORE`` left out."""
-    torch.manual_seed(0)
+    """Logistic regression by full-batch L-BFGS from zeros (deterministic, no random draw),
+    labels ``IGNORE`` left out."""
     keep = y != IGNORE
     x, y = x[keep].float(), y[keep]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -92,13 +94,16 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
 
 
 def patch_labels(masks: torch.Tensor, grid: int, classes: int) -> torch.Tensor:
-    """(B, H, W) pixel labels -> (B, grid*grid) majority label of each patch's pixels."""
-    B, H, W = masks.shape
-    one_hot = F.one_hot(masks.clamp_min(0), classes).float() * (masks >= 0)[..., None]
-    votes = F.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2), grid)  # (B, C, g, g)
-    label = votes.argmax(1)
-    label[votes.sum(1) == 0] = IGNORE
-    return label.flatten(1)
+    """(B, H, W) pixel labels -> (B, grid*grid) majority label of each patch's pixels (a few
+    images at a time: the one-hot votes are B x C x H x W)."""
+    out = []
+    for chunk in masks.split(16):
+        one_hot = F.one_hot(chunk.clamp_min(0), classes).float() * (chunk >= 0)[..., None]
+        votes = F.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2), grid)  # (b, C, g, g)
+        label = votes.argmax(1)
+        label[votes.sum(1) == 0] = IGNORE
+        out.append(label.flatten(1))
+    return torch.cat(out)
 
 
 def pixel_predictions(patch_logits: torch.Tensor, size: tuple) -> torch.Tensor:
@@ -195,13 +200,18 @@ def run_probes(model, data, tokenizer, batch_size: int, device: torch.device, dt
     def student(x):
         return model.visual(x)[1]
     probe = trunk if trunk is not None else student
+    has_masks = all(d.has_masks for d in sets)
+    if not has_masks:  # the linear probe reads the class token alone: gather nothing else
+        pooled_only = probe
+
+        def probe(x):
+            return pooled_only(x)[:, :1]
     tokens = torch.cat([tokens_of(d, probe).float().cpu() for d in sets])
     labels = torch.cat([d.labels for d in sets])
     splits = None
     if parts:
         ends = torch.tensor([len(d) for d in sets]).cumsum(0).tolist()
         splits = tuple(torch.arange(a, b) for a, b in zip([0] + ends[:-1], ends))
-    has_masks = all(d.has_masks for d in sets)
     masks = torch.cat([d.masks(list(range(len(d)))) for d in sets]) if has_masks else None
     patch_embeddings = class_embeddings = None
     background = bool(data.background_templates)

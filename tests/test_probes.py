@@ -80,3 +80,10 @@ def test_run_probes_on_a_model_with_separate_splits(synthetic):
     assert all(0 <= out[k] <= 1 for k in out)
     # Fitted and scored on the same images, the probe beats chance (1/24) by far.
     assert out["linear_probe_top1"] > 0.3
+
+
+def test_ignored_pixels_and_patches_count_for_nothing():
+    target = torch.tensor([[1, 1, -1, -1]])
+    assert probes.mean_iou(torch.tensor([[1, 1, 0, 2]]), target, 3) == 1.0
+    masks = torch.full((2, 4, 4), -1)
+    assert (probes.patch_labels(masks, 2, 3) == probes.IGNORE).all()

@@ -193,11 +193,20 @@ def test_make_eval_set_from_a_labels_csv(tmp_path):
     (["--images", "IMAGES", "--splits", "train=x"], "expected NAME=FRACTION"),
     (["--images", "IMAGES", "--masks", "EMPTY"], "no mask for"),
     (["--images", "IMAGES", "--masks", "IMAGES"], "its image is 16x20 (h x w)"),  # RGB "masks"
+    (["--images", "IMAGES", "--masks", "BADMASKS"], "labels are 0 (background), 1..2"),
+    (["--csv", "EMPTYCSV"], "no rows under the header"),
+    (["--images", "IMAGES", "--out-again"], "already holds an evaluation set"),
 ])
 def test_make_eval_set_bad_input_exits_2(tmp_path, args, message):
-    _image_tree(tmp_path / "images", per_class=1)
+    _image_tree(tmp_path / "images", per_class=1, masks=tmp_path / "badmasks")
+    np.save(tmp_path / "badmasks" / "tabby-cat" / "0.npy", np.full((16, 20), 7))  # no class 6
     os.makedirs(tmp_path / "empty")
-    places = {"IMAGES": str(tmp_path / "images"), "EMPTY": str(tmp_path / "empty")}
+    (tmp_path / "empty.csv").write_text("image,label\n")
+    places = {"IMAGES": str(tmp_path / "images"), "EMPTY": str(tmp_path / "empty"),
+              "BADMASKS": str(tmp_path / "badmasks"), "EMPTYCSV": str(tmp_path / "empty.csv")}
+    if "--out-again" in args:
+        args.remove("--out-again")
+        run_tool("make_eval_set.py", "--images", places["IMAGES"], "--out", str(tmp_path / "out"))
     args = [places.get(a, a) for a in args]
     proc = run_tool("make_eval_set.py", *args, "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     if "timm" in formats and args.encoder == "teacher" and not has_teacher:
         raise UserError(f"{tag_dir} has no EMA teacher (objective.preset "
                         f"'{cfg.objective.preset}'); use --encoder student")
+    if os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder")
     os.makedirs(args.out, exist_ok=True)
     print(f"converting {tag_dir} ({cfg.model.preset}, objective {cfg.objective.preset})")
     written, checks = [], []

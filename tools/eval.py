@@ -62,6 +62,9 @@ def main(argv=None) -> int:
                    help="zero-shot classification and retrieval only")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        from megaclip.errors import UserError
+        raise UserError("--batch-size must be positive")
 
     from megaclip.checkpoint import load_for_inference
     from megaclip.data.eval_set import EvalSet

@@ -25,7 +25,8 @@ EXAMPLE = """examples:
       --classnames pets_names.txt --templates templates.txt
   python tools/make_eval_set.py --csv labels.csv --root photos/ --masks masks/ --out eval/seg
   (labels.csv: a header with image|path|file|filename and label|class|category columns; masks/
-   mirrors the image paths with .png or .npy masks of class indices, one per image)
+   mirrors the image paths with a .png or .npy mask per image: 0 background, 1 + class index,
+   255 ignored)
 """
 
 
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
                                         "object {folder or CSV label: name}")
     p.add_argument("--templates", help="prompt templates, one per line with {} for the class "
                                        "(default: CLIP's 7-template ensemble)")
-    p.add_argument("--masks", help="folder of per-pixel masks mirroring the image paths")
+    p.add_argument("--masks", help="folder of per-pixel masks mirroring the image paths (.png or "
+                                   ".npy; 0 background, 1 + class index, 255 ignored)")
     p.add_argument("--background-prompts", nargs="+", default=[], metavar="PROMPT",
                    help="with --masks whose label 0 is the background: prompts naming it, so "
                         "zero-shot segmentation scores it (otherwise label 0 is ignored)")
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
     templates = eb.read_templates(args.templates)
     if args.masks and not os.path.isdir(args.masks):
         raise UserError(f"mask folder '{args.masks}' does not exist")
+    if os.path.exists(os.path.join(args.out, "classes.json")) or os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} already holds an evaluation set (or is a file); "
+                        f"choose a new folder")
     os.makedirs(args.out, exist_ok=True)
     for name, part in eb.split_items(items, splits, args.seed).items():
         paths = write_shards(eb.samples(part, classnames, templates, root, args.masks, name),

@@ -54,7 +54,12 @@ def csv_items(path: str, root: str) -> tuple[list[str], list[tuple[str, int]]]:
             raise UserError(f"{path}: the header needs an image column (image|path|file|filename)"
                             f" and a label column (label|class|category); it has {header}")
         names = {h.strip().lower(): h for h in reader.fieldnames}
-        rows = [(r[names[image_col]].strip(), r[names[label_col]].strip()) for r in reader]
+        rows = [((r.get(names[image_col]) or "").strip(), (r.get(names[label_col]) or "").strip())
+                for r in reader]
+    empty = [i + 2 for i, (p, label) in enumerate(rows) if not p or not label]
+    if not rows or empty:
+        raise UserError(f"{path}: " + (f"rows {empty[:5]} lack an image or a label" if rows
+                                        else "no rows under the header"))
     classes: list[str] = []
     for _, label in rows:
         if label not in classes:
@@ -96,18 +101,18 @@ def read_templates(path: Optional[str]) -> list[str]:
 
 
 def split_items(items: list, fractions: dict[str, float], seed: int) -> dict[str, list]:
-    """Items per split: each class is shuffled (seeded) and cut by the fractions, so every split
-    holds every class in proportion."""
+    """Items per split: each class is shuffled (seeded) and cut by the fractions (boundaries
+    rounded half up), so every split holds every class in proportion."""
     by_class: dict[int, list] = {}
     for item in items:
         by_class.setdefault(item[1], []).append(item)
     out: dict[str, list] = {name: [] for name in fractions}
     for label, members in sorted(by_class.items()):
         random.Random(f"{seed}-{label}").shuffle(members)
-        start, total = 0, sum(fractions.values())
-        for i, (name, frac) in enumerate(fractions.items()):
-            end = len(members) if i == len(fractions) - 1 else start + round(
-                len(members) * frac / total)
+        start, cumulative, total = 0, 0.0, sum(fractions.values())
+        for name, frac in fractions.items():
+            cumulative += frac / total
+            end = min(len(members), int(len(members) * cumulative + 0.5))
             out[name].extend(members[start:end])
             start = end
     return out
@@ -125,11 +130,20 @@ def find_mask(masks: Optional[str], image_path: str, root: str) -> Optional[str]
     raise UserError(f"no mask for {image_path}: expected {os.path.join(masks, stem)}.png or .npy")
 
 
-def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
-    mask = np.load(path) if path.endswith(".npy") else np.array(Image.open(path))
+def read_mask(path: str, size: tuple[int, int], classes: int) -> np.ndarray:
+    """Per-pixel labels: 0 the background, 1 + class index on a class, 255 (or -1) ignored."""
+    try:
+        mask = np.load(path) if path.endswith(".npy") else np.array(Image.open(path))
+    except Exception as e:  # noqa: BLE001 - numpy and PIL raise many types
+        raise UserError(f"mask {path} cannot be read: {e}") from None
     if mask.ndim != 2 or mask.shape != (size[1], size[0]):
         raise UserError(f"mask {path} is {mask.shape}; its image is {size[1]}x{size[0]} (h x w)")
-    return mask.astype(np.int64)
+    mask = np.where(mask == 255, -1, mask.astype(np.int64))
+    bad = mask[(mask < -1) | (mask > classes)]
+    if bad.size:
+        raise UserError(f"mask {path} holds {int(bad[0])}: labels are 0 (background), 1..{classes} "
+                        f"(1 + class index) and 255 (ignored)")
+    return mask
 
 
 def samples(items: Iterable[tuple[str, int]], classnames: list[str], templates: list[str],
@@ -156,6 +170,6 @@ def samples(items: Iterable[tuple[str, int]], classnames: list[str], templates: 
         mask_path = find_mask(masks, path, root)
         if mask_path:
             buf = io.BytesIO()
-            np.save(buf, read_mask(mask_path, size))
+            np.save(buf, read_mask(mask_path, size, len(classnames)))
             sample["mask.npy"] = buf.getvalue()
         yield sample

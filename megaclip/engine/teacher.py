@@ -136,12 +136,9 @@ class EmaTeacher:
 
     # ------------------------------------------------------------------------ forward
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, patch_rows: Optional[int] = None
-                 ) -> dict[str, torch.Tensor]:
-        """The teacher's logits on full images, (B, 3, S, S): ``patch_logits`` (rows, N, K) at
-        every patch of the first ``patch_rows`` images (all by default) through the MaskCLIP
-        head, and ``global_logits`` (B, K) of every image's pooled token through the SILC head:
-        one pass over the trunk serves both."""
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Every token of the teacher's trunk after its final norm, (B, 1 + N, width), gathering
+        one block at a time (every rank must call it, as any ZeRO-3 forward)."""
         trunk = self.trunk
         with _gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
                        + list(trunk.norm_pre.parameters())):
@@ -150,7 +147,16 @@ class EmaTeacher:
             with _gathered(blk.parameters()):
                 x = blk(x)
         with _gathered(trunk.norm.parameters()):
-            x = trunk.norm(x)
+            return trunk.norm(x)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, patch_rows: Optional[int] = None
+                 ) -> dict[str, torch.Tensor]:
+        """The teacher's logits on full images, (B, 3, S, S): ``patch_logits`` (rows, N, K) at
+        every patch of the first ``patch_rows`` images (all by default) through the MaskCLIP
+        head, and ``global_logits`` (B, K) of every image's pooled token through the SILC head:
+        one pass over the trunk serves both."""
+        x = self.tokens(images)
         out = {}
         if self.head is not None:
             with _gathered(self.head.parameters()):

@@ -359,8 +359,9 @@ class Trainer:
         results = evaluate(self.engine.module, self.eval_set, self.tokenizer,
                            self.cfg.eval.batch_size, self.device, self.dtype)
         if self.cfg.eval.probes:
+            trunk = self.teacher.tokens if self.cfg.eval.probe_encoder == "teacher" else None
             results.update(run_probes(self.engine.module, self.eval_set, self.tokenizer,
-                                      self.cfg.eval.batch_size, self.device, self.dtype))
+                                      self.cfg.eval.batch_size, self.device, self.dtype, trunk))
         count = self.cfg.eval.pictures
         if count and self.cfg.train.tensorboard:  # every rank runs the forwards; rank 0 writes
             maps = similarity_maps(self.engine.module, self.eval_set, self.tokenizer, self.device,

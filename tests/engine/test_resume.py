@@ -47,7 +47,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     a, b = tmp_path / "a", tmp_path / "b"
     shm_before = shared_memory_buffers()
     log_a = train(a, synthetic, *SETTINGS[preset], "train.peak_tflops=2.0",
-                  f"eval.probes={str(preset == 'maskclip+silc').lower()}")
+                  f"eval.probes={str(preset == 'maskclip+silc').lower()}",
+                  "eval.probe_encoder=teacher")
     # Honest throughput: data wait, MFU against the given peak, an ETA from the first line on.
     first = next(line for line in log_a.splitlines() if line.startswith("step 1/6 "))
     assert "| data_time_s " in first and "| mfu " in first and not first.endswith("eta 0s")
