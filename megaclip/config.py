@@ -66,6 +66,10 @@ class DataConfig:
     tokenizer: str = ""
     crop_scale: tuple = (0.5, 1.0)
     crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratios of the random crop
+    # Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when its random crop still
+    # has at least the model's image size each way at that scale: photos far larger than the
+    # crop decode several times faster; the crop is then resized from fewer source pixels.
+    jpeg_draft: bool = True
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit

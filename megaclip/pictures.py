@@ -12,6 +12,9 @@ from torchvision.utils import make_grid
 
 
 def denormalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """Views in [0, 1]: uint8 ones (the training loader's) scaled, normalised ones undone."""
+    if not images.is_floating_point():
+        return images.cpu().float() / 255
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (images.float().cpu() * s + m).clamp(0, 1)

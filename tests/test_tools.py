@@ -14,7 +14,8 @@ from PIL import Image
 from tests.conftest import ROOT, run_tool
 
 TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
-         "bench_objectives.py", "bench_resume.py", "convert_checkpoint.py", "make_eval_set.py"]
+         "bench_objectives.py", "bench_resume.py", "bench_data.py", "convert_checkpoint.py",
+         "make_eval_set.py"]
 
 
 def run_train(*args):
@@ -127,6 +128,20 @@ def test_bench_resume_reads_as_much_after_many_samples_as_after_few(tmp_path, sy
     # and the batch: the same bound after 3000 samples as after 100.
     assert all(r["samples_read"] <= 2 * 40 + 50 + 8 for r in rows), rows
     assert "samples read before the first batch" in proc.stdout
+
+
+def test_bench_data_compares_megaclip_and_open_clip(tmp_path):
+    out = tmp_path / "data.json"
+    proc = run_tool("bench_data.py", "--workers", "1", "--repeats", "1", "--batches", "2",
+                    "--skip", "1", "--batch", "4", "--image-size", "32", "--image-side", "48",
+                    "--shard-count", "1", "--shard-size", "40", "--device", "cpu",
+                    "--json", str(out))
+    figures = json.loads(out.read_text())
+    assert [r["system"] for r in figures["runs"]] == ["megaclip", "open_clip"]
+    assert all(r["samples_per_s"] > 0 for r in figures["runs"])
+    assert "megaclip/open_clip@1" in figures["ratios"] and "megaclip / open_clip" in proc.stdout
+    bad = run_tool("bench_data.py", "--set", "jpeg_drat=false", check=False)
+    assert bad.returncode == 2 and "data.jpeg_drat" in bad.stderr
 
 
 @pytest.mark.parametrize("args,message", [

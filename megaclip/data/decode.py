@@ -54,6 +54,13 @@ def decode_caption(sample: dict, key: str, max_bytes: int = 1 << 62) -> str:
 def decode_image(sample: dict, keys: tuple, max_pixels: int,
                  formats: tuple = IMAGE_FORMATS) -> Image.Image:
     """The first of ``keys`` the sample has, decoded as RGB if it is in one of ``formats``."""
+    return load_image(open_image(sample, keys, max_pixels, formats))
+
+
+def open_image(sample: dict, keys: tuple, max_pixels: int,
+               formats: tuple = IMAGE_FORMATS) -> Image.Image:
+    """The first of ``keys`` the sample has, its header read and its size checked; no pixel
+    decoded yet (``load_image``)."""
     key = next((k for k in keys if k in sample or k in sample.get("__oversize__", ())), None)
     if key is None:
         raise BadSample("missing_image", f"none of .{', .'.join(keys)}")
@@ -63,13 +70,24 @@ def decode_image(sample: dict, keys: tuple, max_pixels: int,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(raw), formats=[f.upper() for f in formats])
-            w, h = img.size  # header only
-            if w * h > max_pixels:
-                raise BadSample("image_too_large", f"{w}x{h} > {max_pixels} pixels")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+        raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
+    w, h = img.size  # header only
+    if w * h > max_pixels:
+        raise BadSample("image_too_large", f"{w}x{h} > {max_pixels} pixels")
+    return img
+
+
+def load_image(img: Image.Image, draft: Optional[tuple[int, int]] = None) -> Image.Image:
+    """``img`` (from ``open_image``) decoded as RGB; a JPEG with a ``draft`` size is decoded at
+    the smallest 1/2^k scale at or above it (libjpeg's DCT scaling: far less work)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
-            return img.convert("RGB")
-    except BadSample:
-        raise
+            return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 

@@ -26,13 +26,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megaclip.cluster import WorkerSignals
 from megaclip.config import DataConfig
-from megaclip.data.decode import BAD_KINDS, BadSample, BadSampleLog, decode_caption, decode_image
+from megaclip.data.decode import (BAD_KINDS, BadSample, BadSampleLog, decode_caption, load_image,
+                                  open_image)
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
 from megaclip.data.sequence import (BlockShuffle, Position, SequencePoint, SequenceReader,
                                     derive_seed, shard_sequence, status_writer)
 from megaclip.data.shards import read_shard, shard_list
 from megaclip.data.tokenizer import Tokenizer
-from megaclip.data.views import MultiCrop, seeded, train_transform
+from megaclip.data.views import MultiCrop, TrainCrop, seeded
 from megaclip.errors import FatalError, UserError
 
 log = logging.getLogger("megaclip.data")
@@ -45,7 +46,8 @@ class TrainStream(IterableDataset):
     """Endless batches ``{images, tokens, eot, position: (worker, Position dict), skipped:
     {kind: n, "shards": n}}``, plus the masks ``masking`` asks for (``image_mask``,
     ``mlm_tokens``/``mlm_target``/``mlm_embed``), drawn per sample from the same seed as its
-    view. With ``multicrop`` (SILC), ``images`` is each sample's first global crop, ``views``
+    view. ``images`` (B, 3, S, S) are uint8, normalised on the device (``to_device``). With
+    ``multicrop`` (SILC), ``images`` is each sample's first global crop, ``views``
     (B, G-1, 3, S, S) its other global crops and ``local_views`` (B, L, 3, s, s) its local
     crops, all drawn from the sample's seed. A problem that ends the run arrives as a batch
     ``{"error": message}``."""
@@ -71,8 +73,7 @@ class TrainStream(IterableDataset):
         # from logical stream ``rotate``, so loader worker i plays logical stream i + rotate.
         self.rotate = rotate
         self.seed = derive_seed(cfg.seed, stream_seed)
-        self.transform = train_transform(image_size, cfg.crop_scale, cfg.mean, cfg.std,
-                                         cfg.crop_ratio)
+        self.crop = TrainCrop(image_size, cfg.crop_scale, cfg.crop_ratio)
         self.status = status  # shared (shard, offset, time) per loader worker, or None
 
     def raw_samples(self, wid: int, nw: int, slot: int) -> BlockShuffle:
@@ -107,25 +108,32 @@ class TrainStream(IterableDataset):
         at = raw.at
         bad = BadSampleLog(cfg.log_bad_samples, cfg.max_bad_samples_in_a_row, at.skipped,
                            at.bad_in_a_row)
+        image_keys, image_formats = tuple(cfg.image_keys), tuple(cfg.image_formats)
         images, captions, seeds, views, local_views = [], [], [], [], []
         for sample in raw:
             index = at.cursor - 1
             try:
                 caption = decode_caption(sample, cfg.caption_key, cfg.max_caption_bytes)
-                image = decode_image(sample, tuple(cfg.image_keys), cfg.max_image_pixels,
-                                     tuple(cfg.image_formats))
+                image = open_image(sample, image_keys, cfg.max_image_pixels, image_formats)
+                seed = derive_seed(self.seed, self.rank, wid, index)
+                if self.multicrop is None:  # the box first: it decides the JPEG draft size
+                    source = image.size
+                    box = self.crop.box(*source, seed)
+                    image = load_image(image, self.crop.draft_size(*source, box)
+                                       if cfg.jpeg_draft else None)
+                else:
+                    image = load_image(image)
             except BadSample as err:
                 bad.add(err, sample)
                 continue
             bad.good()
-            seed = derive_seed(self.seed, self.rank, wid, index)
             if self.multicrop is not None:
                 globals_, locals_ = seeded(self.multicrop, image, seed)
                 images.append(globals_[0])
                 views.append(globals_[1:])
                 local_views.append(locals_)
             else:
-                images.append(seeded(self.transform, image, seed))
+                images.append(self.crop(image, box, source))
             captions.append(caption)
             if self.masking is not None:
                 seeds.append(derive_seed(seed, _MASKS))
@@ -252,13 +260,15 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                        restart_seed: int = 0, masking: Optional[Masking] = None,
                        urls: Optional[list[str]] = None,
                        stop_signals: tuple = (),
-                       multicrop: Optional[MultiCrop] = None) -> TrainLoader:
+                       multicrop: Optional[MultiCrop] = None,
+                       pin_memory: bool = False) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
     shard list, if already expanded (by ``shard_list``). ``stop_signals``: the signals the main
     process handles; the workers do not die of them (``WorkerSignals``). ``multicrop``: SILC's
-    views instead of one crop per sample."""
+    views instead of one crop per sample. ``pin_memory``: batches in page-locked memory, for
+    non-blocking copies to a GPU."""
     workers = cfg.workers
     urls = urls if urls is not None else shard_list(cfg.train_shards)
     # What a saved position means depends on all of these; if one changed, replaying would
@@ -287,6 +297,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
     on_start = WorkerSignals(stop_signals, closing) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                        pin_memory=pin_memory,
                         timeout=cfg.loader_timeout_s if workers > 0 else 0,
                         worker_init_fn=on_start)
     return TrainLoader(loader, kept, urls, status, closing)

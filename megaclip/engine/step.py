@@ -9,6 +9,7 @@ from torch import nn
 
 from megaclip.config import ObjectiveConfig
 from megaclip.data.masks import split_indices
+from megaclip.data.views import normalise
 from megaclip.losses import build_contrastive_loss
 from megaclip.losses.distill import MaskedDistillLoss
 from megaclip.losses.local_global import LocalGlobalLoss
@@ -75,10 +76,20 @@ class Objective(nn.Module):
         return sum(self.weights[k] * v for k, v in terms.items())
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """The model's inputs on ``device``; a patch mask becomes visible/masked index lists."""
-    out = {k: batch[k].to(device, dtype, non_blocking=True)
-           for k in ("images", "views", "local_views") if k in batch}
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype,
+              mean: Optional[tuple] = None, std: Optional[tuple] = None) -> dict:
+    """The model's inputs on ``device``; uint8 images (as the loader hands them out) are
+    normalised there with ``mean`` / ``std`` (data.mean / data.std), float ones taken as they
+    are; a patch mask becomes visible/masked index lists."""
+    out = {}
+    for key in ("images", "views", "local_views"):
+        if key in batch:
+            x = batch[key].to(device, non_blocking=True)
+            if not x.is_floating_point():
+                if mean is None or std is None:
+                    raise ValueError(f"batch['{key}'] is {x.dtype}: to_device needs mean and std")
+                x = normalise(x, mean, std)
+            out[key] = x.to(dtype)
     for key in ("tokens", "eot", "mlm_tokens", "mlm_target", "mlm_embed"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)

@@ -134,8 +134,9 @@ class Trainer:
             self.rank, self.world_size, data_state, restart_seed=self.step,
             masking=self._masking(), urls=urls, stop_signals=tuple(cfg.train.stop_signals),
             multicrop=(MultiCrop(cfg.model.vision.image_size, cfg.objective.local_global,
-                                 cfg.data.mean, cfg.data.std, cfg.data.crop_ratio)
-                       if cfg.objective.uses_multicrop else None))
+                                 cfg.data.crop_ratio)
+                       if cfg.objective.uses_multicrop else None),
+            pin_memory=self.device.type == "cuda")
 
         self.eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
                                  cfg.data.mean, cfg.data.std, cfg.data.image_keys,
@@ -218,7 +219,7 @@ class Trainer:
                 batch = next(it)
                 data_time += time.perf_counter() - t0
                 self.last_batch = batch  # on the host, for the pictures at evaluation
-                batch = to_device(batch, self.device, self.dtype)
+                batch = to_device(batch, self.device, self.dtype, cfg.data.mean, cfg.data.std)
                 if (self.step + 1, self.rank) in self.inject_nan:
                     batch["images"] = batch["images"] * float("nan")
                 terms = train_step(self.engine, self.objective, batch, self.teacher, self.step)

@@ -52,6 +52,7 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tokenizer):
     it = iter(stream)
     first, second = next(it), next(it)
     assert first["images"].shape == (2, 3, 16, 16) and first["tokens"].shape == (2, 16)
+    assert first["images"].dtype == torch.uint8  # normalised on the device (to_device)
     assert second["position"][1]["cursor"] == len(samples)  # 10 raw samples for 4 good ones
     assert second["skipped"] == {"undecodable_image": 1, "missing_caption": 2,
                                  "caption_not_utf8": 1, "image_too_large": 1, "missing_image": 1,
@@ -131,7 +132,7 @@ def test_resume_draws_the_same_multicrop_views(synthetic, tokenizer):
     """SILC's global and local crops of a resumed stream equal the uninterrupted ones."""
     cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
                shuffle_buffer=30, workers=2, max_image_pixels=10 ** 8)
-    crops = MultiCrop(32, LocalGlobalConfig(local_crops=3, local_size=16), cfg.mean, cfg.std)
+    crops = MultiCrop(32, LocalGlobalConfig(local_crops=3, local_size=16))
     loader = build_train_loader(cfg, 32, tokenizer, 4, rank=0, world_size=1, masking=MASKING,
                                 multicrop=crops)
     it = iter(loader)
