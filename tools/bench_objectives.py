@@ -1,12 +1,21 @@
 #!/usr/bin/env python
-"""Step time and peak memory of several objectives on the same model and batch, as ratios to
-the first one, measured in one invocation (each objective in its own process, so peak memory
-is its own). A figure printer, not a test."""
+"""Step time, peak memory and communication of several objectives on the same model and batch,
+as ratios to the first one (and to open_clip's own step on the same architecture with
+--open-clip), measured in one invocation: each in its own launch, so peak memory is its own;
+with --world-size N under DeepSpeed's launcher. A figure printer, not a test.
+
+An objective is a preset, optionally with its own overrides after '@' (repeatable):
+'section.key=value' of the config, 'ds.a.b=JSON' of the DeepSpeed config, 'zero_stage=K' its ZeRO
+stage. 'maskclip@objective.teacher.whole_copy_max_gib=0' runs maskclip with the per-block
+teacher, 'clip@zero_stage=0' plain data parallel,
+'clip@ds.zero_optimization.stage3_param_persistence_threshold=0' every parameter gathered."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,6 +28,12 @@ EXAMPLE = """examples:
   python tools/bench_objectives.py --preset vit_b16 --batch 64 --grad-checkpointing   # one GPU, bf16
   python tools/bench_objectives.py --deepspeed_config ds_configs/zero3_cpu.json      # tiny model, CPU, fp32
   python tools/bench_objectives.py --objectives clip,silc objective.local_global.local_crops=4
+  # maskclip / clip with the whole-copy teacher and the per-block one, 2 processes, collectives:
+  python tools/bench_objectives.py --world-size 2 --deepspeed_config ds_configs/zero3_cpu.json \\
+      --objectives clip,maskclip,maskclip@objective.teacher.whole_copy_max_gib=0
+  # megaclip ZeRO-3 against open_clip's own step on the same architecture:
+  python tools/bench_objectives.py --objectives clip --open-clip --batch 64 --vocab 4096 \\
+      --deepspeed_config ds_configs/zero3_cpu.json model.vision.image_size=128 ...
 """
 
 
@@ -26,13 +41,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/bench_objectives.py", description=__doc__,
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", default="clip,maskclip,maskclip_flip,silc,maskclip+silc",
-                   help="objective presets, comma separated; ratios are to the first")
+                   help="objective presets (each optionally PRESET@key=value@...), comma "
+                        "separated; ratios are to the first")
     p.add_argument("--preset", default="tiny", help="model preset (tiny, vit_b16, vit_l14)")
     p.add_argument("--batch", type=int, default=32, help="micro-batch per process")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="processes per objective, under DeepSpeed's launcher (default 1)")
+    p.add_argument("--open-clip", action="store_true",
+                   help="also time open_clip's own CLIP step on the same architecture and batch "
+                        "(one process, fp32 or the GPU's default) and print ratios to it")
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"),
                    help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json, which needs a GPU; "
                         "on the CPU pass ds_configs/zero3_cpu.json)")
@@ -40,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides applied to every objective (after the flags above)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -48,46 +70,147 @@ def overrides(args) -> list[str]:
             f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}", *args.overrides]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.child:
+def split_variant(name: str) -> tuple[str, list[str], list[str]]:
+    """'preset@k=v@ds.a.b=1@zero_stage=2' -> (preset, ['k=v'], ['ds.a.b=1', 'zero_stage=2'])."""
+    preset, *extra = name.split("@")
+    ds_items = [e for e in extra if e.startswith(("ds.", "zero_stage="))]
+    for item in ds_items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"'{name}': '{item}' is not key=value")
+        if key == "zero_stage" and value not in ("0", "1", "2", "3"):
+            raise UserError(f"'{name}': zero_stage must be 0-3")
+    return preset, [e for e in extra if e not in ds_items], ds_items
+
+
+def with_ds_items(ds: dict, items: list[str]) -> dict:
+    """The DeepSpeed config with a variant's changes (values as JSON, else strings)."""
+    ds = copy.deepcopy(ds)
+    for item in items:
+        key, _, value = item.partition("=")
+        if key == "zero_stage":
+            zero = ds.setdefault("zero_optimization", {})
+            zero["stage"] = int(value)
+            for k in [k for k in zero if k.startswith("stage3")] if int(value) < 3 else []:
+                del zero[k]
+            continue
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        *path, last = key.split(".")[1:]
+        node = ds
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = parsed
+    return ds
+
+
+def run_child(args) -> int:
+    if args.child == "open_clip":
+        import dataclasses
+
+        from megaclip.config import load_config
+        from megaclip.engine.bench_open_clip import measure_open_clip
+        from megaclip.models import resolve_model_config
+        cfg = load_config(None, overrides(args))
+        model = resolve_model_config(cfg.model, args.vocab)
+        result = measure_open_clip(dataclasses.replace(model), args.batch, args.steps,
+                                   args.warmup, cfg.optim.lr, cfg.optim.weight_decay)
+    else:
+        from megaclip.distributed import world
         from megaclip.engine.benchmark import measure
         from megaclip.engine.ds_config import load_ds_config
-        result = measure(args.child, overrides(args), load_ds_config(args.deepspeed_config),
+        preset, extra, ds_items = split_variant(args.child)
+        result = measure(preset, overrides(args) + extra,
+                         with_ds_items(load_ds_config(args.deepspeed_config), ds_items),
                          args.vocab, args.steps, args.warmup)
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        result["objective"] = args.child
+        if world()[0] != 0:
+            return 0
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, argv: list[str], name: str) -> dict:
+    script = [os.path.abspath(__file__), *argv, "--child", name,
+              "--deepspeed_config", args.deepspeed_config]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    if args.world_size > 1 and name != "open_clip":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus",
+               str(args.world_size), "--master_port", str(free_port()), *script]
+    else:
+        cmd = [sys.executable, *script]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        if proc.returncode == 2 and proc.stderr.strip():  # the child's user error, as is
+            raise UserError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def describe(r: dict) -> str:
+    if r["objective"] == "open_clip":
+        return (f"{'open_clip':>14}: {r['step_time_s'] * 1000:9.1f} ms/step  "
+                f"{r['samples_per_s']:8.1f} samples/s  ({r['params_m']:.1f}M params, "
+                f"{r['device']}, batch {r['batch']}, 1 process, {r['optimizer']})")
+    mfu = f"  MFU {r['mfu']:.3f}" if r["mfu"] is not None else ""
+    reserved = f" (reserved {r['peak_reserved_gib']:.2f})" if "peak_reserved_gib" in r else ""
+    comm = r["comm"]
+    teacher = (f"\n{'':>16}EMA update {r['teacher_update_s'] * 1000:.1f} ms/step "
+               f"({r['teacher_update_s'] / r['step_time_s']:.1%} of the step); teacher forward: "
+               f"{r['teacher_forward']}" if r["teacher_forward"] else "")
+    return (f"{r['objective']:>14}: {r['step_time_s'] * 1000:9.1f} ms/step (min "
+            f"{r['step_time_min_s'] * 1000:.1f})  {r['samples_per_s']:8.1f} samples/s  "
+            f"{r['tflops']:7.3f} model TFLOP/s{mfu}  peak {r['peak_mem_gib']:6.2f} GiB{reserved}  "
+            f"({r['params_m']:.1f}M params, {r['device']}, batch {r['batch']} x "
+            f"{r['world_size']} process(es), ZeRO {r['zero_stage']}, {r['optimizer']})\n"
+            f"{'':>16}collectives per step: {comm['collectives']:.1f} calls, "
+            f"{comm['bytes'] / 2**20:.2f} MiB ("
+            + ", ".join(f"{k} {v['calls']:g}" for k, v in comm["by_name"].items()) + ")"
+            + teacher)
+
+
+def main(argv=None) -> int:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    args = parse_args(argv)
+    if args.child:
+        return run_child(args)
     names = [n for n in args.objectives.split(",") if n]
     if not names:
         raise UserError("--objectives is empty")
+    if args.world_size < 1:
+        raise UserError("--world-size must be >= 1")
+    for name in names:
+        split_variant(name)
+    if args.open_clip:
+        names.append("open_clip")
     results = []
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
-               "--child", name, "--deepspeed_config", args.deepspeed_config]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            if proc.returncode == 2 and proc.stderr.strip():  # the child's user error, as is
-                raise UserError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
-            raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        r = results[-1]
-        mfu = f"  MFU {r['mfu']:.3f}" if r["mfu"] is not None else ""
-        reserved = (f" (reserved {r['peak_reserved_gib']:.2f})" if "peak_reserved_gib" in r
-                    else "")
-        print(f"{name:>14}: {r['step_time_s'] * 1000:9.1f} ms/step  {r['samples_per_s']:8.1f} "
-              f"samples/s  {r['tflops']:7.3f} model TFLOP/s{mfu}  peak {r['peak_mem_gib']:6.2f} "
-              f"GiB{reserved}  ({r['params_m']:.1f}M params, {r['device']}, batch "
-              f"{r['batch']}, {r['optimizer']})", flush=True)
+        results.append(launch(args, argv, name))
+        print(describe(results[-1]), flush=True)
     base = results[0]
-    for r in results[1:]:
+    ours = [r for r in results if r["objective"] != "open_clip"]
+    for r in ours[1:]:
         print(f"{r['objective']} / {base['objective']}: time "
               f"{r['step_time_s'] / base['step_time_s']:.2f}x, peak memory "
               f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}x "
               f"({r['peak_mem_gib']:.2f} vs {base['peak_mem_gib']:.2f} GiB), model FLOPs "
-              f"{r['flops_per_sample'] / base['flops_per_sample']:.2f}x")
+              f"{r['flops_per_sample'] / base['flops_per_sample']:.2f}x, collectives "
+              f"{r['comm']['collectives']:.0f} vs {base['comm']['collectives']:.0f} per step")
+    if args.open_clip:
+        oc = results[-1]
+        for r in ours:
+            print(f"{r['objective']} / open_clip: time {r['step_time_s'] / oc['step_time_s']:.3f}x "
+                  f"(median step; fastest {r['step_time_min_s'] / oc['step_time_s']:.3f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

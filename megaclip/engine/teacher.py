@@ -8,8 +8,15 @@ parameter lines up with rank r's shard of the student's. Each rank therefore kee
 * the teacher's working partition (``param.ds_tensor``, in the model dtype),
 
 and the update reads the student's fp32 master shard (``safe_get_local_fp32_param``), blends it
-into ``ema`` and casts the result into the working partition: no communication at all. The
-forward pass gathers one block at a time, like the student's.
+into ``ema`` with a few ``torch._foreach_*`` calls and casts the result into the working
+partition: no communication at all.
+
+The forward needs whole parameters. A teacher whose working copy fits on the device
+(``objective.teacher.whole_copy_max_gib``) keeps a whole copy in plain modules (``whole``) and
+refreshes it once per optimiser step with one coalesced all-gather of every working partition,
+started right after the update (``prefetch``) and waited for at the next forward, which then runs
+with no gathers at all. A larger teacher gathers one block at a time at every forward, like the
+student.
 
 At ZeRO stages 0-2 parameters are whole on every rank, so the fp32 EMA is whole too. Its source
 is the module parameter itself in fp32 training; in bf16 the fp32 masters of stages 1-2 are
@@ -46,6 +53,77 @@ def _gathered(params: Iterable[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params)
 
 
+class WholeCopy:
+    """Whole working copies of a ZeRO-3 teacher's parameters, in plain modules of the same
+    architecture, refreshed by one all-gather of every rank's working partitions.
+
+    Rank r holds elements [r*s, (r+1)*s) of each flattened parameter (``s`` its partition
+    size, the last one padded); the partitions are packed into one buffer, gathered as
+    (world, total) and each parameter is read back from its column range."""
+
+    def __init__(self, pairs: list, trunk: nn.Module, heads: dict[str, nn.Module]):
+        whole = {}
+        for key, module in (("trunk", trunk), *heads.items()):
+            for name, p in module.named_parameters():
+                p.requires_grad_(False)
+                whole[PREFIXES[key][0] + name] = p
+        self.parts = [p for _, p, _ in pairs]
+        self.targets = [whole[name] for name, _, _ in pairs]
+        for (name, p, _), t in zip(pairs, self.targets):
+            if tuple(t.shape) != tuple(p.ds_shape) or t.dtype != p.ds_tensor.dtype:
+                raise ValueError(f"whole teacher copy of {name}: {tuple(t.shape)} {t.dtype}, "
+                                 f"partitioned {tuple(p.ds_shape)} {p.ds_tensor.dtype}")
+        self.sizes = [p.ds_tensor.numel() for p in self.parts]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.total = sum(self.sizes)
+        self.dtype, device = self.parts[0].ds_tensor.dtype, self.parts[0].ds_tensor.device
+        self.send = torch.empty(self.total, dtype=self.dtype, device=device)
+        self.send_views = [self.send[o:o + n] for o, n in zip(self.offsets, self.sizes)]
+        self.bytes = sum(t.numel() * t.element_size() for t in self.targets)
+        self._stale, self._recv, self._work = True, None, None
+
+    def stale(self) -> None:
+        """The partitions changed: a gather in flight carries old values and is dropped."""
+        if self._work is not None:
+            self._work.wait()
+        self._stale, self._recv, self._work = True, None, None
+
+    @torch.no_grad()
+    def start(self) -> None:
+        """Start the all-gather (every rank, in the same order as its other collectives)."""
+        if not self._stale or self._recv is not None:
+            return
+        import torch.distributed as dist
+
+        from megaclip.distributed import world
+        torch._foreach_copy_(self.send_views, [p.ds_tensor for p in self.parts])
+        ws = world()[1]
+        if ws == 1:
+            self._recv = self.send
+            return
+        self._recv = torch.empty(ws * self.total, dtype=self.dtype, device=self.send.device)
+        self._work = dist.all_gather_into_tensor(self._recv, self.send, async_op=True)
+
+    def settle(self) -> None:
+        """Wait for a gather in flight (before the process group goes away), keeping its result."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+    @torch.no_grad()
+    def ready(self) -> None:
+        """Wait for the gather (starting it if nobody did) and unpack it into the copies."""
+        if not self._stale:
+            return
+        self.start()
+        if self._work is not None:
+            self._work.wait()
+        rows = self._recv.view(-1, self.total)
+        for t, o, n in zip(self.targets, self.offsets, self.sizes):
+            t.copy_(rows[:, o:o + n].reshape(-1)[:t.numel()].view(t.shape))
+        self._stale, self._recv, self._work = False, None, None
+
+
 class EmaTeacher:
     """EMA copy of the student's image trunk and its distillation heads.
 
@@ -56,7 +134,8 @@ class EmaTeacher:
     """
 
     def __init__(self, student: nn.Module, trunk: nn.Module, heads: dict[str, nn.Module],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype,
+                 whole: Optional[tuple[nn.Module, dict[str, nn.Module]]] = None):
         self.trunk = trunk.eval()
         self.head = heads["distill_head"].eval() if "distill_head" in heads else None
         self.global_head = heads["global_head"].eval() if "global_head" in heads else None
@@ -69,6 +148,13 @@ class EmaTeacher:
         self.partitioned = any(hasattr(p, "ds_id") for _, p, _ in self.pairs)
         self.fp32_training = dtype == torch.float32
         self.ema: dict[str, torch.Tensor] = {}
+        self.whole = None
+        if whole is not None and self.partitioned:  # the forward runs on the whole copy
+            w_trunk, w_heads = whole
+            self.whole = WholeCopy(self.pairs, w_trunk, w_heads)
+            self.trunk = w_trunk.eval()
+            self.head = w_heads["distill_head"].eval() if self.head is not None else None
+            self.global_head = w_heads["global_head"].eval() if self.global_head is not None else None
 
     # ------------------------------------------------------------------------ EMA state
     def _student_fp32(self, s: nn.Parameter) -> torch.Tensor:
@@ -84,10 +170,23 @@ class EmaTeacher:
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        """Cast the fp32 EMA into the teacher's working parameters (or their local partition)."""
-        for name, p, _ in self.pairs:
-            work = self._working(p)
-            work.copy_(self.ema[name].view(work.shape))
+        """Cast the fp32 EMA into the teacher's working parameters (or their local partition);
+        the whole copy, if any, is then out of date until its next gather."""
+        work = [self._working(p) for _, p, _ in self.pairs]
+        torch._foreach_copy_(work, [self.ema[name].view(w.shape)
+                                    for (name, _, _), w in zip(self.pairs, work)])
+        if self.whole is not None:
+            self.whole.stale()
+
+    def prefetch(self) -> None:
+        """Start gathering the whole copy (every rank, after ``update``); no-op otherwise."""
+        if self.whole is not None:
+            self.whole.start()
+
+    def settle(self) -> None:
+        """Let a gather in flight finish (every rank, before the end of the process)."""
+        if self.whole is not None:
+            self.whole.settle()
 
     @torch.no_grad()
     def init_from_student(self) -> None:
@@ -100,15 +199,17 @@ class EmaTeacher:
         """ema = m * ema + (1 - m) * student (fp32), then refresh the working copy. With
         ``measure``, also return the RMS of this update's change over this rank's EMA tensors
         (0-dim, on their device; it costs one more read, so the trainer asks on log steps)."""
-        sq, numel = None, 0
-        for name, _, s in self.pairs:
-            ema, student = self.ema[name], self._student_fp32(s).float()
-            if measure:
-                change = (student - ema).square().sum() * (1 - momentum) ** 2
-                sq, numel = change if sq is None else sq + change, numel + ema.numel()
-            ema.mul_(momentum).add_(student, alpha=1 - momentum)
+        emas = [self.ema[name] for name, _, _ in self.pairs]
+        students = [self._student_fp32(s).float() for _, _, s in self.pairs]
+        rms = None
+        if measure and emas:
+            norms = torch._foreach_norm(torch._foreach_sub(students, emas))
+            numel = sum(e.numel() for e in emas)
+            rms = (torch.stack(norms).square().sum() / max(1, numel)).sqrt() * (1 - momentum)
+        torch._foreach_mul_(emas, momentum)
+        torch._foreach_add_(emas, students, alpha=1 - momentum)
         self._refresh()
-        return (sq / max(1, numel)).sqrt() if measure and sq is not None else None
+        return rms
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's fp32 EMA tensors (shards under ZeRO-3, whole otherwise), on the CPU."""
@@ -134,11 +235,19 @@ class EmaTeacher:
         held = sum(v.numel() * v.element_size() for v in self.ema.values())
         return held, 4 * sum(self.full_numels().values())
 
+    def describe_forward(self) -> str:
+        if self.whole is not None:
+            return (f"a whole {self.whole.dtype} copy ({self.whole.bytes / 2**20:.1f} MiB) gathered "
+                    f"once per optimiser step")
+        return "gathered block by block" if self.partitioned else "whole parameters"
+
     # ------------------------------------------------------------------------ forward
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Every token of the teacher's trunk after its final norm, (B, 1 + N, width), gathering
         one block at a time (every rank must call it, as any ZeRO-3 forward)."""
+        if self.whole is not None:
+            self.whole.ready()
         trunk = self.trunk
         with _gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
                        + list(trunk.norm_pre.parameters())):
@@ -165,3 +274,30 @@ class EmaTeacher:
             with _gathered(self.global_head.parameters()):
                 out["global_logits"] = self.global_head(x[:, 0])
         return out
+
+
+def build_ema_teacher(student: nn.Module, model_cfg, objective_cfg,
+                      zero3_config: Optional[dict], dtype: torch.dtype,
+                      device: torch.device) -> EmaTeacher:
+    """The EMA teacher of ``student`` (the engine's module), initialised from it. Under ZeRO-3
+    its forward runs on a whole copy when that copy is at most
+    ``objective.teacher.whole_copy_max_gib``, otherwise block by block."""
+    from megaclip.models.registry import build_teacher_modules
+    trunk, heads = build_teacher_modules(model_cfg, objective_cfg, zero3_config, dtype)
+    trunk, heads = trunk.to(device), {k: h.to(device) for k, h in heads.items()}
+    whole = None
+    if zero3_config is not None:
+        modules = (trunk, *heads.values())
+        gib = sum(p.ds_numel * p.ds_tensor.element_size() for m in modules
+                  for p in m.parameters()) / 2**30
+        if 0 < gib <= objective_cfg.teacher.whole_copy_max_gib:
+            with torch.device("meta"):  # every value comes from the gather; no RNG drawn
+                w_trunk, w_heads = build_teacher_modules(model_cfg, objective_cfg, None, dtype)
+            whole = (w_trunk.to_empty(device=device),
+                     {k: h.to_empty(device=device) for k, h in w_heads.items()})
+            for source, copy in zip(modules, (whole[0], *whole[1].values())):
+                for (_, b), (_, c) in zip(source.named_buffers(), copy.named_buffers()):
+                    c.copy_(b)
+    teacher = EmaTeacher(student, trunk, heads, dtype, whole)
+    teacher.init_from_student()
+    return teacher

@@ -27,14 +27,14 @@ from megaclip.engine.metrics import MetricLogger, memory_figures, peak_tflops
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.schedules import warmup_cosine
 from megaclip.engine.step import Objective, to_device, train_step
-from megaclip.engine.teacher import EmaTeacher, momentum_at
+from megaclip.engine.teacher import build_ema_teacher, momentum_at
 from megaclip.errors import UserError
 from megaclip.evaluation import evaluate
 from megaclip.pictures import similarity_maps, training_samples
 from megaclip.probes import run_probes
 from megaclip.models import build_model, resolve_model_config
 from megaclip.data.views import MultiCrop
-from megaclip.models.registry import build_teacher_modules, check_multicrop, context_length
+from megaclip.models.registry import check_multicrop, context_length
 
 
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -99,11 +99,9 @@ class Trainer:
         self.objective = Objective(cfg.objective, cfg.train.steps).to(self.device)
         self.teacher = None
         if cfg.objective.uses_teacher:
-            trunk, heads = build_teacher_modules(cfg.model, cfg.objective,
-                                                 self.ds_config if stage == 3 else None, self.dtype)
-            self.teacher = EmaTeacher(self.engine.module, trunk.to(self.device),
-                                      {k: h.to(self.device) for k, h in heads.items()}, self.dtype)
-            self.teacher.init_from_student()
+            self.teacher = build_ema_teacher(self.engine.module, cfg.model, cfg.objective,
+                                             self.ds_config if stage == 3 else None, self.dtype,
+                                             self.device)
 
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.abspath(os.path.join(self.out_dir, "checkpoints"))
@@ -175,7 +173,8 @@ class Trainer:
             held, full = self.teacher.memory_bytes()
             self.log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
                           f"{full / 2**20:.2f} MiB ({held / full:.3f}), "
-                          f"{'sharded like the student' if self.teacher.partitioned else 'whole'}")
+                          f"{'sharded like the student' if self.teacher.partitioned else 'whole'}"
+                          f"; its forward: {self.teacher.describe_forward()}")
 
     def _masking(self) -> Masking | None:
         obj, v = self.cfg.objective, self.cfg.model.vision
@@ -248,6 +247,7 @@ class Trainer:
                 m = momentum_at(self.step, cfg.train.steps, cfg.objective.teacher.momentum,
                                 cfg.objective.teacher.momentum_end)
                 last_values["teacher_update_rms"] = self.teacher.update(m, measure=log_now)
+                self.teacher.prefetch()  # its whole copy's gather overlaps what comes next
                 if log_now:
                     last_values["teacher_momentum"] = torch.tensor(m, device=self.device)
             self.step += 1
@@ -271,6 +271,8 @@ class Trainer:
                 if do_save:
                     self.save()
                 other_time += time.perf_counter() - t0
+        if self.teacher is not None:  # no gather left in flight when the process ends
+            self.teacher.settle()
         if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
             self.save()
         if self.step < cfg.train.steps:  # stopped early on request: no final evaluation
@@ -290,6 +292,8 @@ class Trainer:
         """Checkpoint first (the grace time before SIGKILL is short), then requeue if the
         signals the ranks received ask for it. At the last step the run is complete: no requeue,
         no evaluation."""
+        if self.teacher is not None:
+            self.teacher.settle()
         self.save()
         why = self.stop_signal.received or "a signal on another rank"
         finished = self.step >= self.cfg.train.steps

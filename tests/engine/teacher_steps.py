@@ -20,7 +20,7 @@ from megaclip.distributed import init_distributed, rank_device, setup_device, wo
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype
 from megaclip.engine.optim import build_optimizer, param_groups
 from megaclip.engine.step import Objective, to_device, train_step
-from megaclip.engine.teacher import PREFIXES, EmaTeacher
+from megaclip.engine.teacher import PREFIXES, EmaTeacher, build_ema_teacher
 from megaclip.models import build_model, resolve_model_config
 from megaclip.models.registry import build_teacher_modules
 
@@ -94,9 +94,8 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     model = build_model(cfg.model, cfg.objective, seed=0, zero3_config=z3, dtype=dtype)
     opt, _ = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    trunk, heads = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
-    teacher = EmaTeacher(engine.module, trunk, heads, dtype)
-    teacher.init_from_student()
+    # Under ZeRO-3 the training teacher runs on its whole copy (gathered once per update).
+    teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, z3, dtype, rank_device())
     objective = Objective(cfg.objective, steps)
 
     names = [(t_name, s_prefix + t_name[len(prefix):]) for t_name, _, _ in teacher.pairs
@@ -143,7 +142,8 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     os.makedirs(tag_dir, exist_ok=True)
     checkpoint.save_teacher(tag_dir, teacher)
     dist.barrier()
-    # A fresh teacher restored from the files holds this rank's shards bit for bit.
+    # A fresh teacher restored from the files holds this rank's shards bit for bit; it gathers
+    # block by block, so its equal output also checks the whole copy against that path.
     trunk2, heads2 = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
     restored = EmaTeacher(engine.module, trunk2, heads2, dtype)
     restored.ema = {k: torch.zeros_like(v) for k, v in teacher.ema.items()}
@@ -152,7 +152,23 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(7))
     same_output = torch.equal(restored(probe)["patch_logits"], teacher(probe)["patch_logits"])
     held, full_bytes = teacher.memory_bytes()
-    report = {"stage": stage, "world_size": ws, "update_collectives": update_calls,
+    # The whole copy's traffic: none while it is fresh, one gather per update however many
+    # forwards follow (micro-batches); the per-block path gathers at every forward.
+    with CollectiveCounter() as fresh:
+        teacher(probe)
+        teacher(probe)
+    with CollectiveCounter() as refresh:
+        teacher.update(MOMENTUM)
+        teacher.prefetch()
+        teacher(probe)
+        teacher(probe)
+    with CollectiveCounter() as per_block:
+        restored(probe)
+    report = {"teacher_forward": teacher.describe_forward(),
+              "fresh_forward_collectives": fresh.calls,
+              "refresh_collectives": refresh.calls,
+              "per_block_forward_collectives": per_block.calls,
+              "stage": stage, "world_size": ws, "update_collectives": update_calls,
               "control_collectives": control.calls, "held_bytes": held,
               "full_bytes": full_bytes, "restored_exact": restored_exact,
               "restored_same_output": same_output, "losses": losses}

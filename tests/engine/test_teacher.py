@@ -57,6 +57,19 @@ def test_ema_update_makes_no_collective_call(reports):
 
 
 @pytest.mark.distributed
+def test_zero3_teacher_gathers_its_whole_copy_once_per_update(reports):
+    r = reports[3]
+    assert "whole" in r["teacher_forward"] and "once per optimiser step" in r["teacher_forward"]
+    assert r["fresh_forward_collectives"] == 0  # two forwards on a fresh copy: no traffic
+    assert r["refresh_collectives"] == 1  # update + prefetch + two forwards: one all-gather
+    assert r["per_block_forward_collectives"] > 10  # the per-block path gathers every forward
+    assert r["restored_same_output"]  # and gives the whole copy's output bit for bit
+    for stage in (0, 1, 2):  # whole parameters: nothing to gather
+        assert reports[stage]["fresh_forward_collectives"] == 0, stage
+        assert reports[stage]["refresh_collectives"] == 0, stage
+
+
+@pytest.mark.distributed
 def test_teacher_memory_per_rank_is_one_over_n(reports):
     r = reports[3]
     assert 0.49 < r["held_bytes"] / r["full_bytes"] < 0.51

@@ -1,0 +1,79 @@
+"""open_clip's own train step on megaclip's architecture, for side-by-side step times.
+
+The same widths, depths, heads, patch and image size, context length, vocabulary and embedding
+size as a resolved megaclip ``ModelConfig``, built as open_clip's ``CLIP`` (its own ViT and text
+transformer), trained as ``open_clip_train`` does: ``ClipLoss``, ``torch.optim.AdamW`` with
+weight decay off for gains and biases, one process, no DeepSpeed. A figure printer's helper,
+not part of training.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from megaclip.config import ModelConfig
+
+
+def build_open_clip(model: ModelConfig):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    v, t = model.vision, model.text
+    vision = CLIPVisionCfg(layers=v.depth, width=v.width, head_width=v.width // v.heads,
+                           mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, image_size=v.image_size)
+    text = CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                       heads=t.heads, layers=t.depth, mlp_ratio=t.mlp_ratio)
+    return CLIP(model.embed_dim, vision, text)
+
+
+def measure_open_clip(model_cfg: ModelConfig, batch: int, steps: int, warmup: int, lr: float,
+                      weight_decay: float, threads: int = 0) -> dict:
+    """Median and fastest step of open_clip's CLIP step at ``batch`` on random data (fp32, CPU or
+    one GPU)."""
+    from open_clip.loss import ClipLoss
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_open_clip(model_cfg).to(device).train()
+    # open_clip_train/main.py: no weight decay on gains, biases, embeddings and the logit scale.
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in params if not exclude(n, p)],
+               "weight_decay": weight_decay}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+    v, t = model_cfg.vision, model_cfg.text
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, v.image_size, v.image_size, generator=g).to(device)
+    tokens = torch.randint(4, t.vocab_size, (batch, t.context_length), generator=g).to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        image_f, text_f, scale = model(images, tokens)
+        loss = loss_fn(image_f, text_f, scale)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    return {"objective": "open_clip", "device": device.type, "batch": batch,
+            "step_time_s": step_time, "step_time_min_s": min(times),
+            "samples_per_s": batch / step_time,
+            "optimizer": "torch AdamW (open_clip_train's)",
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
