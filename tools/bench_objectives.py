@@ -70,6 +70,9 @@ def overrides(args) -> list[str]:
             f"model.grad_checkpointing={str(args.grad_checkpointing).lower()}", *args.overrides]
 
 
+INTERLEAVED = "beside open_clip: "
+
+
 def split_variant(name: str) -> tuple[str, list[str], list[str]]:
     """'preset@k=v@ds.a.b=1@zero_stage=2' -> (preset, ['k=v'], ['ds.a.b=1', 'zero_stage=2'])."""
     preset, *extra = name.split("@")
@@ -107,24 +110,30 @@ def with_ds_items(ds: dict, items: list[str]) -> dict:
 
 
 def run_child(args) -> int:
-    if args.child == "open_clip":
-        import dataclasses
+    import dataclasses
 
-        from megaclip.config import load_config
+    from megaclip.config import load_config
+    from megaclip.models import resolve_model_config
+    cfg = load_config(None, overrides(args))
+    model = dataclasses.replace(resolve_model_config(cfg.model, args.vocab))
+    if args.child == "open_clip":
         from megaclip.engine.bench_open_clip import measure_open_clip
-        from megaclip.models import resolve_model_config
-        cfg = load_config(None, overrides(args))
-        model = resolve_model_config(cfg.model, args.vocab)
-        result = measure_open_clip(dataclasses.replace(model), args.batch, args.steps,
-                                   args.warmup, cfg.optim.lr, cfg.optim.weight_decay)
+        result = measure_open_clip(model, args.batch, args.steps, args.warmup, cfg.optim.lr,
+                                   cfg.optim.weight_decay)
     else:
         from megaclip.distributed import world
+        from megaclip.engine.bench_open_clip import OpenClipStepper
         from megaclip.engine.benchmark import measure
         from megaclip.engine.ds_config import load_ds_config
-        preset, extra, ds_items = split_variant(args.child)
+        name, beside = args.child, None
+        if name.startswith(INTERLEAVED):  # step for step with open_clip, in this process
+            name = name[len(INTERLEAVED):]
+            beside = lambda: OpenClipStepper(model, args.batch, cfg.optim.lr,  # noqa: E731
+                                             cfg.optim.weight_decay)
+        preset, extra, ds_items = split_variant(name)
         result = measure(preset, overrides(args) + extra,
                          with_ds_items(load_ds_config(args.deepspeed_config), ds_items),
-                         args.vocab, args.steps, args.warmup)
+                         args.vocab, args.steps, args.warmup, beside)
         result["objective"] = args.child
         if world()[0] != 0:
             return 0
@@ -158,6 +167,11 @@ def launch(args, argv: list[str], name: str) -> dict:
 
 
 def describe(r: dict) -> str:
+    if r["objective"].startswith(INTERLEAVED):
+        name = r["objective"][len(INTERLEAVED):]
+        return (f"{name} and open_clip, step for step in one process: "
+                f"{r['step_time_s'] * 1000:.1f} and {r['beside_step_time_s'] * 1000:.1f} ms/step "
+                f"(medians of {r['batch']}-sample steps)")
     if r["objective"] == "open_clip":
         return (f"{'open_clip':>14}: {r['step_time_s'] * 1000:9.1f} ms/step  "
                 f"{r['samples_per_s']:8.1f} samples/s  ({r['params_m']:.1f}M params, "
@@ -191,14 +205,15 @@ def main(argv=None) -> int:
         raise UserError("--world-size must be >= 1")
     for name in names:
         split_variant(name)
-    if args.open_clip:
-        names.append("open_clip")
+    if args.open_clip:  # in one process: step for step beside the first objective
+        names.append(INTERLEAVED + names[0] if args.world_size == 1 else "open_clip")
     results = []
     for name in names:
         results.append(launch(args, argv, name))
         print(describe(results[-1]), flush=True)
     base = results[0]
-    ours = [r for r in results if r["objective"] != "open_clip"]
+    ours = [r for r in results if r["objective"] != "open_clip"
+            and not r["objective"].startswith(INTERLEAVED)]
     for r in ours[1:]:
         print(f"{r['objective']} / {base['objective']}: time "
               f"{r['step_time_s'] / base['step_time_s']:.2f}x, peak memory "
@@ -208,9 +223,14 @@ def main(argv=None) -> int:
               f"{r['comm']['collectives']:.0f} vs {base['comm']['collectives']:.0f} per step")
     if args.open_clip:
         oc = results[-1]
-        for r in ours:
-            print(f"{r['objective']} / open_clip: time {r['step_time_s'] / oc['step_time_s']:.3f}x "
-                  f"(median step; fastest {r['step_time_min_s'] / oc['step_time_s']:.3f}x)")
+        if oc["objective"] == "open_clip":
+            for r in ours:
+                print(f"{r['objective']} / open_clip: time "
+                      f"{r['step_time_s'] / oc['step_time_s']:.3f}x (medians, separate "
+                      f"processes; {r['world_size']} process(es) against 1)")
+        else:
+            print(f"{oc['objective'][len(INTERLEAVED):]} / open_clip: time "
+                  f"{oc['ratio_to_beside']:.3f}x (median of the step-for-step ratios)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -26,54 +26,54 @@ def build_open_clip(model: ModelConfig):
     return CLIP(model.embed_dim, vision, text)
 
 
-def measure_open_clip(model_cfg: ModelConfig, batch: int, steps: int, warmup: int, lr: float,
-                      weight_decay: float, threads: int = 0) -> dict:
-    """Median and fastest step of open_clip's CLIP step at ``batch`` on random data (fp32, CPU or
-    one GPU)."""
-    from open_clip.loss import ClipLoss
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = build_open_clip(model_cfg).to(device).train()
-    # open_clip_train/main.py: no weight decay on gains, biases, embeddings and the logit scale.
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    params = list(model.named_parameters())
-    groups = [{"params": [p for n, p in params if exclude(n, p)], "weight_decay": 0.0},
-              {"params": [p for n, p in params if not exclude(n, p)],
-               "weight_decay": weight_decay}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = ClipLoss()
-    v, t = model_cfg.vision, model_cfg.text
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, v.image_size, v.image_size, generator=g).to(device)
-    tokens = torch.randint(4, t.vocab_size, (batch, t.context_length), generator=g).to(device)
+class OpenClipStepper:
+    """open_clip's CLIP step at ``batch`` on random data (fp32; CPU or one GPU), one timed
+    step at a time."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        image_f, text_f, scale = model(images, tokens)
-        loss = loss_fn(image_f, text_f, scale)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, 4.6052)
+    def __init__(self, model_cfg: ModelConfig, batch: int, lr: float, weight_decay: float):
+        from open_clip.loss import ClipLoss
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        gen = torch.Generator().manual_seed(0)
+        self.model = build_open_clip(model_cfg).to(self.device).train()
+        # open_clip_train/main.py: no weight decay on gains, biases, embeddings, logit scale.
+        params = list(self.model.named_parameters())
+        skip = [p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+                for n, p in params]
+        groups = [{"params": [p for (_, p), s in zip(params, skip) if s], "weight_decay": 0.0},
+                  {"params": [p for (_, p), s in zip(params, skip) if not s],
+                   "weight_decay": weight_decay}]
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        self.loss = ClipLoss()
+        v, t = model_cfg.vision, model_cfg.text
+        self.images = torch.randn(batch, 3, v.image_size, v.image_size, generator=gen).to(self.device)
+        self.tokens = torch.randint(4, t.vocab_size, (batch, t.context_length),
+                                    generator=gen).to(self.device)
+        self.batch = batch
 
-    def sync():
-        if device.type == "cuda":
+    def sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync()
+    def step(self) -> float:
+        self.sync()
         start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+        self.opt.zero_grad(set_to_none=True)
+        image_f, text_f, scale = self.model(self.images, self.tokens)
+        self.loss(image_f, text_f, scale).backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, 4.6052)
+        self.sync()
+        return time.perf_counter() - start
+
+
+def measure_open_clip(model_cfg: ModelConfig, batch: int, steps: int, warmup: int, lr: float,
+                      weight_decay: float) -> dict:
+    """Median and fastest step of open_clip's step alone in this process."""
+    stepper = OpenClipStepper(model_cfg, batch, lr, weight_decay)
+    times = [stepper.step() for _ in range(warmup + steps)][warmup:]
     step_time = statistics.median(times)
-    return {"objective": "open_clip", "device": device.type, "batch": batch,
+    return {"objective": "open_clip", "device": stepper.device.type, "batch": batch,
             "step_time_s": step_time, "step_time_min_s": min(times),
-            "samples_per_s": batch / step_time,
-            "optimizer": "torch AdamW (open_clip_train's)",
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            "samples_per_s": batch / step_time, "optimizer": "torch AdamW (open_clip_train's)",
+            "params_m": sum(p.numel() for p in stepper.model.parameters()) / 1e6}

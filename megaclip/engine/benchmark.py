@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,73 +49,119 @@ def random_batch(cfg, vocab_size: int, seed: int) -> dict:
     return batch
 
 
-def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_size: int,
-            steps: int, warmup: int) -> dict:
-    """Figures of ``steps`` optimiser steps after ``warmup`` untimed ones (accumulation 1).
-    ``step_time_s`` is the median step (robust to a busy machine), ``step_time_min_s`` the
-    fastest; ``comm`` the collectives and bytes per step; ``teacher_update_s`` the EMA update's
-    time per step (the update and the start of the teacher's gather)."""
-    import deepspeed
-    cfg = load_config(None, [f"objective.preset={objective_preset}", *overrides])
-    default_env()
-    device = setup_device()
-    check_precision(ds_config, device)
-    stats = CollectiveStats().install()  # before DeepSpeed's backend looks its functions up
-    init_distributed()
-    rank, ws = world()
-    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
-    check_multicrop(cfg.model, cfg.objective)
-    ds = merge_ds_config(ds_config, cfg.train, ws)
-    dtype, stage = model_dtype(ds), zero_stage(ds)
-    z3 = ds if stage == 3 else None
-    model = build_model(cfg.model, cfg.objective, 0, z3, dtype)
-    opt, opt_name = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay),
-                                    device.type)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    teacher = (build_ema_teacher(engine.module, cfg.model, cfg.objective, z3, dtype, device)
-               if cfg.objective.uses_teacher else None)
-    objective = Objective(cfg.objective, steps + warmup).to(device)
-    batch = to_device(random_batch(cfg, vocab_size, rank), device, dtype)
+class ObjectiveStepper:
+    """One objective's engine, teacher, objective and random micro-batch, stepped one timed
+    optimiser step at a time (accumulation 1); every process of the launch builds one."""
 
-    def sync():
-        if device.type == "cuda":
+    def __init__(self, objective_preset: str, overrides: list[str], ds_config: dict,
+                 vocab_size: int, total_steps: int, stats: Optional[CollectiveStats] = None):
+        import deepspeed
+        cfg = load_config(None, [f"objective.preset={objective_preset}", *overrides])
+        default_env()
+        self.device = device = setup_device()
+        check_precision(ds_config, device)
+        if stats is not None:
+            stats.install()  # before DeepSpeed's backend looks its functions up
+        init_distributed()
+        rank, self.world_size = world()
+        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
+        check_multicrop(cfg.model, cfg.objective)
+        ds = merge_ds_config(ds_config, cfg.train, self.world_size)
+        self.dtype, self.stage = model_dtype(ds), zero_stage(ds)
+        z3 = ds if self.stage == 3 else None
+        model = build_model(cfg.model, cfg.objective, 0, z3, self.dtype)
+        opt, self.optimizer = build_optimizer(cfg.optim, param_groups(model,
+                                                                      cfg.optim.weight_decay),
+                                              device.type)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        self.teacher = (build_ema_teacher(self.engine.module, cfg.model, cfg.objective, z3,
+                                          self.dtype, device)
+                        if cfg.objective.uses_teacher else None)
+        self.objective = Objective(cfg.objective, total_steps).to(device)
+        self.batch = to_device(random_batch(cfg, vocab_size, rank), device, self.dtype)
+        self.cfg, self.steps_done = cfg, 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    times, update_times = [], []
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            stats.start()
+    def step(self) -> tuple[float, float]:
+        """(seconds of the whole step, seconds of its EMA update and gather start)."""
+        self.sync()
         start = time.perf_counter()
-        train_step(engine, objective, batch, teacher, i)
-        objective.end_step(True)
-        if teacher is not None:
-            sync()
+        train_step(self.engine, self.objective, self.batch, self.teacher, self.steps_done)
+        self.objective.end_step(True)
+        update = 0.0
+        if self.teacher is not None:
+            self.sync()
             t0 = time.perf_counter()
-            teacher.update(0.996)
-            teacher.prefetch()
-            sync()
-            update_times.append(time.perf_counter() - t0)
-        sync()
-        times.append(time.perf_counter() - start)
-    stats.stop()
-    if teacher is not None:
-        teacher.settle()
-    times, update_times = times[warmup:], update_times[warmup:]
-    step_time = statistics.median(times)
-    flops = train_flops_per_sample(cfg.model, cfg.objective)
-    peak = peak_tflops(device, dtype)
-    B = cfg.train.micro_batch_size
-    tflops = B * flops / step_time / 1e12
-    return {"objective": objective_preset, "device": device.type, "batch": B, "world_size": ws,
-            "zero_stage": stage, "step_time_s": step_time, "step_time_min_s": min(times),
-            "samples_per_s": B * ws / step_time, "tflops": tflops,
-            "mfu": tflops / peak if peak else None, "flops_per_sample": flops,
-            "teacher_update_s": statistics.median(update_times) if update_times else 0.0,
-            "teacher_forward": teacher.describe_forward() if teacher is not None else None,
-            "comm": stats.summary(per=steps),
-            "optimizer": opt_name, **memory_figures(device),
-            "params_m": sum(getattr(p, "ds_numel", p.numel())
-                            for p in engine.module.parameters()) / 1e6}
+            self.teacher.update(0.996)
+            self.teacher.prefetch()
+            self.sync()
+            update = time.perf_counter() - t0
+        self.sync()
+        self.steps_done += 1
+        return time.perf_counter() - start, update
+
+    def finish(self) -> None:
+        if self.teacher is not None:
+            self.teacher.settle()
+
+    def figures(self, times: list[float], update_times: list[float],
+                stats: Optional[CollectiveStats]) -> dict:
+        cfg, device = self.cfg, self.device
+        step_time = statistics.median(times)
+        flops = train_flops_per_sample(cfg.model, cfg.objective)
+        peak = peak_tflops(device, self.dtype)
+        B = cfg.train.micro_batch_size
+        tflops = B * flops / step_time / 1e12
+        teacher = self.teacher
+        return {"objective": cfg.objective.preset, "device": device.type, "batch": B,
+                "world_size": self.world_size, "zero_stage": self.stage,
+                "step_time_s": step_time, "step_time_min_s": min(times),
+                "samples_per_s": B * self.world_size / step_time, "tflops": tflops,
+                "mfu": tflops / peak if peak else None, "flops_per_sample": flops,
+                "teacher_update_s": statistics.median(update_times) if teacher else 0.0,
+                "teacher_forward": teacher.describe_forward() if teacher else None,
+                "comm": stats.summary(per=len(times)) if stats else None,
+                "optimizer": self.optimizer, **memory_figures(device),
+                "params_m": sum(getattr(p, "ds_numel", p.numel())
+                                for p in self.engine.module.parameters()) / 1e6}
+
+
+def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_size: int,
+            steps: int, warmup: int, beside=None) -> dict:
+    """Figures of ``steps`` optimiser steps after ``warmup`` untimed ones. ``step_time_s`` is the
+    median step (robust to a busy machine), ``step_time_min_s`` the fastest; ``comm`` the
+    collectives and bytes per step; ``teacher_update_s`` the EMA update's time per step (the
+    update and the start of the teacher's gather). ``beside``: a callable building another
+    stepper (``step() -> seconds``, e.g. open_clip's) run in this process alternately with
+    this one, step for step, so that both see the same machine; its median step is
+    ``beside_step_time_s`` and the median of the per-pair ratios ``ratio_to_beside``."""
+    stats = CollectiveStats()
+    stepper = ObjectiveStepper(objective_preset, overrides, ds_config, vocab_size,
+                               steps + warmup, stats)
+    other = beside() if beside is not None else None
+    times, update_times, other_times = [], [], []
+    stats.start()
+    for i in range(warmup + steps):
+        timed = i >= warmup
+        if i == warmup:
+            stepper.sync()
+            if stepper.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        stats.counting = timed  # this objective's timed steps only
+        took, update = stepper.step()
+        stats.counting = False
+        other_took = other.step() if other is not None else None
+        if timed:
+            times.append(took)
+            update_times.append(update)
+            if other is not None:
+                other_times.append(other_took)
+    stepper.finish()
+    out = stepper.figures(times, update_times, stats)
+    if other is not None:
+        out["beside_step_time_s"] = statistics.median(other_times)
+        out["ratio_to_beside"] = statistics.median(a / b for a, b in zip(times, other_times))
+    return out

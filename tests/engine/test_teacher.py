@@ -88,7 +88,9 @@ def test_same_teacher_at_zero_stages_0_1_2_and_3(reports):
     for stage in (0, 1, 2):
         assert reports[stage]["max_abs_diff_vs_reference"] <= 1e-7
         for k, v in reports[stage]["tensors"]["teacher"].items():
-            torch.testing.assert_close(v, sharded[k], rtol=1e-5, atol=1e-6, msg=f"{stage} {k}")
+            # The stages sum gradients in other orders; Adam turns a last-bit difference of a
+            # near-zero gradient into up to ~1e-6 of parameter (seen on a qkv bias).
+            torch.testing.assert_close(v, sharded[k], rtol=1e-5, atol=5e-6, msg=f"{stage} {k}")
         for a, b in zip(reports[stage]["losses"], reports[3]["losses"]):
             assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (stage, a, b)
 
