@@ -53,6 +53,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     grad_checkpointing: bool = True
+    # torch.compile each transformer block of both towers (in place). Under ZeRO-3 the graphs
+    # break at DeepSpeed's parameter hooks; tools/bench_objectives.py measures it.
+    compile_blocks: bool = False
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
 

@@ -53,7 +53,8 @@ def parse_args(argv=None):
                    help="processes per objective, under DeepSpeed's launcher (default 1)")
     p.add_argument("--open-clip", action="store_true",
                    help="also time open_clip's own CLIP step on the same architecture and batch "
-                        "(one process, fp32 or the GPU's default) and print ratios to it")
+                        "(fp32 on the CPU, bf16 autocast on a GPU; at one process step for "
+                        "step beside the first objective) and print ratios to it")
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"),
                    help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json, which needs a GPU; "
                         "on the CPU pass ds_configs/zero3_cpu.json)")

@@ -32,7 +32,7 @@ class TrainCrop:
 
     def __init__(self, image_size: int, scale: tuple, ratio: tuple = (3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.log_ratio = torch.log(torch.tensor(self.ratio))  # float32, as torchvision
         self.gen = torch.Generator()
 
     def box(self, width: int, height: int, seed: int) -> Box:
@@ -40,7 +40,8 @@ class TrainCrop:
         area = height * width
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(*self.scale, generator=g).item()
-            aspect = math.exp(torch.empty(1).uniform_(*self.log_ratio, generator=g).item())
+            aspect = torch.exp(torch.empty(1).uniform_(self.log_ratio[0], self.log_ratio[1],
+                                                       generator=g)).item()
             w = int(round(math.sqrt(target_area * aspect)))
             h = int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:

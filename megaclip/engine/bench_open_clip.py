@@ -27,8 +27,8 @@ def build_open_clip(model: ModelConfig):
 
 
 class OpenClipStepper:
-    """open_clip's CLIP step at ``batch`` on random data (fp32; CPU or one GPU), one timed
-    step at a time."""
+    """open_clip's CLIP step at ``batch`` on random data, one timed step at a time: fp32 on the
+    CPU, bf16 autocast on a GPU (open_clip_train's ``--precision amp_bf16``)."""
 
     def __init__(self, model_cfg: ModelConfig, batch: int, lr: float, weight_decay: float):
         from open_clip.loss import ClipLoss
@@ -58,8 +58,10 @@ class OpenClipStepper:
         self.sync()
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        image_f, text_f, scale = self.model(self.images, self.tokens)
-        self.loss(image_f, text_f, scale).backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            image_f, text_f, scale = self.model(self.images, self.tokens)
+            loss = self.loss(image_f, text_f, scale)
+        loss.backward()
         self.opt.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, 4.6052)

@@ -96,9 +96,9 @@ class ObjectiveStepper:
             self.sync()
             t0 = time.perf_counter()
             self.teacher.update(0.996)
-            self.teacher.prefetch()
             self.sync()
             update = time.perf_counter() - t0
+            self.teacher.prefetch()  # its gather is the step's, not the update's
         self.sync()
         self.steps_done += 1
         return time.perf_counter() - start, update
@@ -133,11 +133,11 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
             steps: int, warmup: int, beside=None) -> dict:
     """Figures of ``steps`` optimiser steps after ``warmup`` untimed ones. ``step_time_s`` is the
     median step (robust to a busy machine), ``step_time_min_s`` the fastest; ``comm`` the
-    collectives and bytes per step; ``teacher_update_s`` the EMA update's time per step (the
-    update and the start of the teacher's gather). ``beside``: a callable building another
-    stepper (``step() -> seconds``, e.g. open_clip's) run in this process alternately with
-    this one, step for step, so that both see the same machine; its median step is
-    ``beside_step_time_s`` and the median of the per-pair ratios ``ratio_to_beside``."""
+    collectives and bytes per step; ``teacher_update_s`` the EMA update's time per step.
+    ``beside``: a callable building another stepper (``step() -> seconds``, e.g. open_clip's)
+    run in this process alternately with this one, step for step, so that both see the same
+    machine; its median step is ``beside_step_time_s`` and the median of the per-pair ratios
+    ``ratio_to_beside``."""
     stats = CollectiveStats()
     stepper = ObjectiveStepper(objective_preset, overrides, ds_config, vocab_size,
                                steps + warmup, stats)

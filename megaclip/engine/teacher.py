@@ -199,6 +199,8 @@ class EmaTeacher:
         """ema = m * ema + (1 - m) * student (fp32), then refresh the working copy. With
         ``measure``, also return the RMS of this update's change over this rank's EMA tensors
         (0-dim, on their device; it costs one more read, so the trainer asks on log steps)."""
+        if not (self.partitioned or self.fp32_training):  # each a gathered fp32 copy: one at a
+            return self._update_one_by_one(momentum, measure)  # time, not all at once
         emas = [self.ema[name] for name, _, _ in self.pairs]
         students = [self._student_fp32(s).float() for _, _, s in self.pairs]
         rms = None
@@ -210,6 +212,17 @@ class EmaTeacher:
         torch._foreach_add_(emas, students, alpha=1 - momentum)
         self._refresh()
         return rms
+
+    def _update_one_by_one(self, momentum: float, measure: bool) -> Optional[torch.Tensor]:
+        sq, numel = None, 0
+        for name, _, s in self.pairs:
+            ema, student = self.ema[name], self._student_fp32(s).float()
+            if measure:
+                change = (student - ema).square().sum() * (1 - momentum) ** 2
+                sq, numel = change if sq is None else sq + change, numel + ema.numel()
+            ema.mul_(momentum).add_(student, alpha=1 - momentum)
+        self._refresh()
+        return (sq / max(1, numel)).sqrt() if measure and sq is not None else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's fp32 EMA tensors (shards under ZeRO-3, whole otherwise), on the CPU."""
@@ -290,7 +303,8 @@ def build_ema_teacher(student: nn.Module, model_cfg, objective_cfg,
         modules = (trunk, *heads.values())
         gib = sum(p.ds_numel * p.ds_tensor.element_size() for m in modules
                   for p in m.parameters()) / 2**30
-        if 0 < gib <= objective_cfg.teacher.whole_copy_max_gib:
+        on_device = all(p.ds_tensor.device == device for m in modules for p in m.parameters())
+        if on_device and 0 < gib <= objective_cfg.teacher.whole_copy_max_gib:  # not offloaded
             with torch.device("meta"):  # every value comes from the gather; no RNG drawn
                 w_trunk, w_heads = build_teacher_modules(model_cfg, objective_cfg, None, dtype)
             whole = (w_trunk.to_empty(device=device),

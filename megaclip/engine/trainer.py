@@ -311,7 +311,10 @@ class Trainer:
         return {}
 
     def close(self) -> None:
-        """Shut the data workers down (they outlive stop signals by design)."""
+        """Shut the data workers down (they outlive stop signals by design); a teacher gather
+        every rank started (after the last update) is let finish, whatever ended the run."""
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.settle()
         if getattr(self, "loader", None) is not None:
             self.loader.close()
 

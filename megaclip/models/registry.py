@@ -173,6 +173,8 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
         check_dtype(model, dtype)
     init_weights(model, seed)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.compile_blocks:
+        model.compile_blocks()
     return model
 
 

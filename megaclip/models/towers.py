@@ -48,6 +48,12 @@ class TwoTower(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block of both towers, in place (module names and
+        state-dict keys unchanged)."""
+        for blk in [*self.visual.trunk.blocks, *self.text.blocks]:
+            blk.compile()
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides biases and norms (timm contract)."""
         return {"logit_scale", "logit_bias", "visual.trunk.cls_token", "visual.trunk.pos_embed",

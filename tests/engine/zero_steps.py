@@ -28,13 +28,14 @@ def collectives_checked() -> bool:
     return False
 
 
-def main(ds_path: str, out: str, steps: int) -> None:
+def main(ds_path: str, out: str, steps: int, extra: tuple = ()) -> None:
     setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
     init_distributed()
     rank, ws = world()
     cfg = load_config("clip_tiny_synthetic", [f"train.micro_batch_size={GLOBAL_BATCH // ws}",
                                               "model.grad_checkpointing=true",
-                                              "optim.warmup_steps=0", "optim.lr=0.002"])
+                                              "optim.warmup_steps=0", "optim.lr=0.002",
+                                              *extra])
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, VOCAB))
     ds = merge_ds_config(load_ds_config(ds_path), cfg.train, ws)
     dtype = model_dtype(ds)
@@ -65,4 +66,4 @@ def main(ds_path: str, out: str, steps: int) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(args[0], args[1], int(args[2]))
+    main(args[0], args[1], int(args[2]), tuple(args[3:]))
