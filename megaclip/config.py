@@ -56,6 +56,12 @@ class ModelConfig:
     # torch.compile each transformer block of both towers (in place). Under ZeRO-3 the graphs
     # break at DeepSpeed's parameter hooks; tools/bench_objectives.py measures it.
     compile_blocks: bool = False
+    # Under ZeRO-3, each transformer block of a tower that runs once per step is one DeepSpeed
+    # leaf module: its parameters are gathered and released together, with no hooks inside it
+    # (about 20 modules a block otherwise). Towers that run twice (MaskCLIP's masked student pass
+    # and MLM text pass, SILC's local crops) keep per-module hooks, since DeepSpeed 0.19 counts
+    # a reused leaf's gradients twice.
+    zero3_leaf_blocks: bool = True
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
 

@@ -175,7 +175,28 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.compile_blocks:
         model.compile_blocks()
+    if zero3_config is not None and cfg.zero3_leaf_blocks:
+        from deepspeed.utils import set_z3_leaf_module
+        for tower in towers_run_once(objective):
+            for blk in model.tower_blocks(tower):
+                set_z3_leaf_module(blk, True)
     return model
+
+
+def towers_run_once(objective: ObjectiveConfig) -> tuple[str, ...]:
+    """The towers (``visual``, ``text``) that ``TwoTower.forward`` runs exactly once per training
+    forward of ``objective``: the image tower runs on the masked view (with masks), on the full
+    global crops (unless the contrastive loss reads the masked view) and on the local crops; the
+    text tower on the caption and, with MLM, on the masked caption."""
+    masked = objective.uses_masks
+    full = not (masked and objective.contrastive_view == "masked")
+    local = objective.uses_multicrop and objective.local_global.local_crops > 0
+    once = []
+    if masked + full + local == 1:
+        once.append("visual")
+    if objective.text_mlm.weight <= 0:
+        once.append("text")
+    return tuple(once)
 
 
 def _init_module(name: str, module: nn.Module, gen: torch.Generator) -> None:

@@ -48,10 +48,14 @@ class TwoTower(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
+    def tower_blocks(self, tower: str) -> list[nn.Module]:
+        """The transformer blocks of ``tower`` (``visual`` or ``text``), in order."""
+        return list(self.visual.trunk.blocks if tower == "visual" else self.text.blocks)
+
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block of both towers, in place (module names and
         state-dict keys unchanged)."""
-        for blk in [*self.visual.trunk.blocks, *self.text.blocks]:
+        for blk in [*self.tower_blocks("visual"), *self.tower_blocks("text")]:
             blk.compile()
 
     def no_weight_decay(self) -> set[str]:

@@ -43,6 +43,7 @@ def main(ds_path: str, out: str, steps: int, extra: tuple = ()) -> None:
                         zero3_config=ds if zero_stage(ds) == 3 else None, dtype=dtype)
     partition = [(int(p.ds_tensor.numel()), int(p.ds_numel)) for p in model.parameters()
                  if hasattr(p, "ds_tensor")]
+    leaves = sum(deepspeed.utils.z3_leaf_module(m) for m in model.modules())
     opt, _ = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay), "cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     objective = Objective(cfg.objective, steps)
@@ -60,6 +61,7 @@ def main(ds_path: str, out: str, steps: int, extra: tuple = ()) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"losses": losses, "partition": partition, "world_size": ws,
+                       "leaf_blocks": leaves,
                        "collectives_checked": collectives_checked(),
                        "finite": all(math.isfinite(x) for x in losses)}, f)
 

@@ -1,12 +1,14 @@
 import math
 
+import pytest
 import torch
 
-from megaclip.config import ModelConfig, ObjectiveConfig
+from megaclip.config import ModelConfig, ObjectiveConfig, load_config
 from megaclip.engine.flops import forward_flops_per_sample
 from megaclip.engine.optim import param_groups
 from megaclip.evaluation import recall_at_k
 from megaclip.models import build_model, resolve_model_config
+from megaclip.models.registry import towers_run_once
 
 
 def tiny(**kw):
@@ -67,3 +69,24 @@ def test_recall_at_k():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.0], [0.0, 0.1, 0.2]])
     r = recall_at_k(sim, ks=(1, 2))
     assert math.isclose(r[1], 2 / 3, rel_tol=1e-6) and r[2] == 1.0
+
+
+@pytest.mark.parametrize("preset, once", [
+    ("clip", ("visual", "text")),
+    ("maskclip", ()),  # masked + full student passes; caption + masked caption
+    ("maskclip_flip", ("visual",)),  # the contrastive loss reads the masked pass
+    ("silc", ("text",)),  # global crops + local crops
+    ("maskclip+silc", ())])
+def test_towers_run_once_per_objective(preset, once):
+    """The towers marked as ZeRO-3 leaf blocks: exactly those TwoTower.forward runs once."""
+    assert towers_run_once(load_config(None, [f"objective.preset={preset}"]).objective) == once
+
+
+def test_silc_without_local_crops_runs_the_image_tower_once():
+    cfg = load_config(None, ["objective.preset=silc", "objective.local_global.local_crops=0"])
+    assert towers_run_once(cfg.objective) == ("visual", "text")
+
+
+def test_siglip_runs_each_tower_once():
+    cfg = load_config(None, ["objective.contrastive=siglip"])
+    assert towers_run_once(cfg.objective) == ("visual", "text")
