@@ -177,10 +177,43 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
         model.compile_blocks()
     if zero3_config is not None and cfg.zero3_leaf_blocks:
         from deepspeed.utils import set_z3_leaf_module
-        for tower in towers_run_once(objective):
-            for blk in model.tower_blocks(tower):
+        leaves = {tower: model.tower_blocks(tower) for tower in towers_run_once(objective)}
+        for blocks in leaves.values():
+            for blk in blocks:
                 set_z3_leaf_module(blk, True)
+        _check_leaves_run_once(model, leaves)
     return model
+
+
+def _check_leaves_run_once(model: TwoTower, leaves: dict[str, list[nn.Module]]) -> None:
+    """A training forward that runs a leaf block twice fails with a message naming the tower,
+    not with DeepSpeed's bare assertion in the gradient reduction that follows. (The blocks'
+    recomputation under activation checkpointing happens after the forward and is not counted.)"""
+    calls = {tower: 0 for tower in leaves}
+
+    def reset(module, args):
+        for tower in calls:
+            calls[tower] = 0
+
+    def count(tower):
+        def hook(module, args):
+            calls[tower] += 1
+        return hook
+
+    def check(module, args, output):
+        twice = [t for t, n in calls.items() if n > len(leaves[t])]
+        if twice and module.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"the {', '.join(twice)} tower ran more than once in one training forward, but "
+                f"its blocks are ZeRO-3 leaf modules (towers_run_once in megaclip/models/"
+                f"registry.py); set model.zero3_leaf_blocks=false or correct towers_run_once")
+
+    for tower, blocks in leaves.items():
+        for blk in blocks:
+            blk.register_forward_pre_hook(count(tower))
+    if leaves:
+        model.register_forward_pre_hook(reset)
+        model.register_forward_hook(check)
 
 
 def towers_run_once(objective: ObjectiveConfig) -> tuple[str, ...]:

@@ -90,3 +90,20 @@ def test_silc_without_local_crops_runs_the_image_tower_once():
 def test_siglip_runs_each_tower_once():
     cfg = load_config(None, ["objective.contrastive=siglip"])
     assert towers_run_once(cfg.objective) == ("visual", "text")
+
+
+def test_a_leaf_tower_run_twice_in_a_training_forward_is_named():
+    """The guard beside the ZeRO-3 leaf blocks: a second pass of a leaf tower with gradients is a
+    clear error; one pass, or two without gradients (evaluation), are not."""
+    from megaclip.models.registry import _check_leaves_run_once
+    _, model = tiny()
+    model.train()
+    _check_leaves_run_once(model, {"visual": model.tower_blocks("visual")})
+    images = torch.randn(2, 3, 64, 64)
+    keep = torch.arange(16).expand(2, 16)
+    model(images=images)
+    with torch.no_grad():
+        model(images=images, keep_index=keep)  # masked and full pass
+    with pytest.raises(RuntimeError, match="visual tower ran more than once"):
+        model(images=images, keep_index=keep)
+    model(images=images)  # counted afresh each forward
