@@ -54,7 +54,8 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     grad_checkpointing: bool = True
     # torch.compile each transformer block of both towers (in place). Under ZeRO-3 the graphs
-    # break at DeepSpeed's parameter hooks; tools/bench_objectives.py measures it.
+    # break at DeepSpeed's hooks (inside the block, or its backward hook when it is a leaf);
+    # tools/bench_objectives.py measures it.
     compile_blocks: bool = False
     # Under ZeRO-3, each transformer block of a tower that runs once per step is one DeepSpeed
     # leaf module: its parameters are gathered and released together, with no hooks inside it

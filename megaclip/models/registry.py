@@ -186,7 +186,7 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
 
 
 def _check_leaves_run_once(model: TwoTower, leaves: dict[str, list[nn.Module]]) -> None:
-    """A training forward that runs a leaf block twice fails with a message naming the tower,
+    """A training forward that runs a leaf tower twice fails with a message naming the tower,
     not with DeepSpeed's bare assertion in the gradient reduction that follows. (The blocks'
     recomputation under activation checkpointing happens after the forward and is not counted.)"""
     calls = {tower: 0 for tower in leaves}
@@ -201,16 +201,15 @@ def _check_leaves_run_once(model: TwoTower, leaves: dict[str, list[nn.Module]]) 
         return hook
 
     def check(module, args, output):
-        twice = [t for t, n in calls.items() if n > len(leaves[t])]
+        twice = [t for t, n in calls.items() if n > 1]
         if twice and module.training and torch.is_grad_enabled():
             raise RuntimeError(
                 f"the {', '.join(twice)} tower ran more than once in one training forward, but "
                 f"its blocks are ZeRO-3 leaf modules (towers_run_once in megaclip/models/"
                 f"registry.py); set model.zero3_leaf_blocks=false or correct towers_run_once")
 
-    for tower, blocks in leaves.items():
-        for blk in blocks:
-            blk.register_forward_pre_hook(count(tower))
+    for tower, blocks in leaves.items():  # a pass of a tower runs its first block
+        blocks[0].register_forward_pre_hook(count(tower))
     if leaves:
         model.register_forward_pre_hook(reset)
         model.register_forward_hook(check)
