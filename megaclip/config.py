@@ -17,9 +17,9 @@ from typing import Any, Optional
 import yaml
 
 from megaclip.errors import UserError
-from megaclip.objective_config import (  # noqa: F401 - re-exported
+from megaclip.objectives.config import (  # noqa: F401 - re-exported
     OBJECTIVE_PRESETS, LocalGlobalConfig, MaskConfig, MaskDistillConfig, ObjectiveConfig,
-    TeacherConfig, TextMlmConfig, validate_objective)
+    TeacherConfig, TextMlmConfig, objective_config_class, validate_objective)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -106,7 +106,7 @@ class EvalConfig:
     classes: str = ""  # JSON file: {"classnames": [...], "templates": [...]}
     every_steps: int = 0  # 0: only at the end of training
     batch_size: int = 64
-    # Also the frozen-feature evaluations (megaclip/probes.py): linear probe, and with masks in
+    # Also the frozen-feature evaluations (megaclip/eval/probes.py): linear probe, and with masks in
     # the set, dense probe and zero-shot segmentation.
     probes: bool = False
     probe_encoder: str = "student"  # student | teacher (the EMA teacher's trunk, if there is one)
@@ -210,6 +210,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         if key not in names:
             raise UserError(f"unknown config key '{where}'; valid keys here: {', '.join(names)}")
         tp = hints[key]
+        if tp is ObjectiveConfig:  # with the sections of registered objective terms
+            tp = objective_config_class()
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, where)
         else:

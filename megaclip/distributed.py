@@ -28,6 +28,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def rank() -> int:
+    """This process's rank; 0 when torch.distributed is not initialised."""
+    return world()[0]
+
+
 def rank_device() -> torch.device:
     """The device ``setup_device`` chose for this rank (the CPU before it is called)."""
     return _DEVICE
@@ -176,10 +181,9 @@ def init_distributed(**kwargs) -> None:
 
 
 def release_shared_memory_names() -> None:
-    rank = world()[0]
     barrier()
     name = "/deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank())
     try:
         import _posixshmem
         _posixshmem.shm_unlink(name)

@@ -50,9 +50,10 @@ def main(argv=None) -> int:
     from megaclip.engine.ds_config import load_ds_config
     cfg = load_config(args.config, args.overrides)
     ds = load_ds_config(args.deepspeed_config)
+    from megaclip.engine.assembly import build_run
     from megaclip.engine.trainer import Trainer
-    trainer = Trainer(cfg, ds, args.resume, ds_source=args.deepspeed_config,
-                      stop_after=args.stop_after_steps)
+    run = build_run(cfg, ds, args.resume, ds_source=args.deepspeed_config)
+    trainer = Trainer(run, stop_after=args.stop_after_steps)
     try:
         trainer.fit()
     finally:

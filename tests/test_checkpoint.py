@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from megaclip.checkpoint import check_optimizer
-from megaclip.checkpoint_folder import (MARKER, clean_interrupted, complete_checkpoints,
+from megaclip.checkpoint.io import check_optimizer
+from megaclip.checkpoint.folder import (MARKER, clean_interrupted, complete_checkpoints,
                                         lock_output, move_aside)
 from megaclip.errors import UserError
 
@@ -82,7 +82,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     import subprocess
     import sys
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from megaclip.checkpoint_folder import lock_output; "
+        "import sys, time; from megaclip.checkpoint.folder import lock_output; "
         f"lock = lock_output({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
@@ -110,8 +110,8 @@ def _choose(rank, port, root, hidden_on, results, resume="auto"):
 
     import torch.distributed as dist
 
-    from megaclip.checkpoint import choose_resume
-    from megaclip.checkpoint_folder import prepare_output
+    from megaclip.checkpoint.io import choose_resume
+    from megaclip.checkpoint.folder import prepare_output
     from megaclip.distributed import on_rank0
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)

@@ -1,7 +1,7 @@
 """The frozen-feature evaluations: linear probe, mIoU, dense probe, zero-shot segmentation."""
 import torch
 
-from megaclip import probes
+from megaclip.eval import probes
 
 
 def test_split_by_class_keeps_every_class_in_every_part():

@@ -40,7 +40,7 @@ def child(spec: dict) -> int:
         sys.path.insert(0, spec["root"])
         for name in [m for m in sys.modules if m == "megaclip" or m.startswith("megaclip.")]:
             del sys.modules[name]
-    where = os.path.join(ROOT, "megaclip", "data", "bench.py")
+    where = os.path.join(ROOT, "megaclip", "bench", "data.py")
     module_spec = importlib.util.spec_from_file_location("megaclip_data_bench", where)
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
@@ -91,7 +91,7 @@ def main() -> int:
     overrides = [f"data.{item}" for item in args.set]
 
     from megaclip.config import load_config
-    from megaclip.data import bench
+    from megaclip.bench import data as bench
     cfg = load_config(None, overrides).data  # unknown keys and bad values: a UserError
     work = tempfile.mkdtemp(prefix="megaclip-bench-data-")
     pattern = args.shards

@@ -118,13 +118,13 @@ def run_child(args) -> int:
     cfg = load_config(None, overrides(args))
     model = dataclasses.replace(resolve_model_config(cfg.model, args.vocab))
     if args.child == "open_clip":
-        from megaclip.engine.bench_open_clip import measure_open_clip
+        from megaclip.bench.open_clip_step import measure_open_clip
         result = measure_open_clip(model, args.batch, args.steps, args.warmup, cfg.optim.lr,
                                    cfg.optim.weight_decay)
     else:
         from megaclip.distributed import world
-        from megaclip.engine.bench_open_clip import OpenClipStepper
-        from megaclip.engine.benchmark import measure
+        from megaclip.bench.open_clip_step import OpenClipStepper
+        from megaclip.bench.objectives import measure
         from megaclip.engine.ds_config import load_ds_config
         name, beside = args.child, None
         if name.startswith(INTERLEAVED):  # step for step with open_clip, in this process
@@ -136,7 +136,7 @@ def run_child(args) -> int:
                          with_ds_items(load_ds_config(args.deepspeed_config), ds_items),
                          args.vocab, args.steps, args.warmup, beside)
         result["objective"] = args.child
-        if world()[0] != 0:
+        if rank() != 0:
             return 0
     print("RESULT " + json.dumps(result), flush=True)
     return 0

@@ -31,7 +31,7 @@ EXAMPLE = """example:
 def write_bench_shards(out: str, shards: int, per_shard: int) -> str:
     from PIL import Image
 
-    from megaclip.data.writer import shard_pattern, write_shards
+    from megaclip.make.writer import shard_pattern, write_shards
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (90, 120, 30)).save(buf, format="JPEG")
     jpeg = buf.getvalue()
@@ -62,11 +62,11 @@ class MemberCount:
 
 def saved_state(cfg, tokenizer, batch: int, seen: int) -> dict:
     """The stream state a checkpoint holds after ``seen`` samples (all good) of worker 0."""
-    from megaclip.data import webdataset as wds
-    if not hasattr(wds.TrainStream, "raw_samples"):  # a stream that saves a raw-sample count
+    from megaclip.data import stream
+    if not hasattr(stream.TrainStream, "raw_samples"):  # a stream that saves a raw-sample count
         return {"workers": 1, "world_size": 1, "cursors": {0: seen}, "bad": {},
                 "batches": seen // batch}
-    loader = wds.build_train_loader(cfg, 32, tokenizer, batch, 0, 1)
+    loader = stream.build_train_loader(cfg, 32, tokenizer, batch, 0, 1)
     raw = loader.loader.dataset.raw_samples(0, 1, 0)
     it = iter(raw)
     for _ in range(seen):  # raw samples only: what the decoded batches would have consumed
@@ -77,7 +77,7 @@ def saved_state(cfg, tokenizer, batch: int, seen: int) -> dict:
 
 
 def first_batch_cost(cfg, tokenizer, batch: int, seen: int, per_sample: int) -> dict:
-    from megaclip.data.webdataset import build_train_loader
+    from megaclip.data.stream import build_train_loader
     state = saved_state(cfg, tokenizer, batch, seen)
     with MemberCount() as count:
         t0 = time.perf_counter()

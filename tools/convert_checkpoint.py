@@ -46,7 +46,7 @@ and in timm:
 
 def find_checkpoint(path: str) -> str:
     """A step directory as is; a run or checkpoints directory: its newest complete checkpoint."""
-    from megaclip.checkpoint_folder import is_complete, latest_checkpoint
+    from megaclip.checkpoint.folder import is_complete, latest_checkpoint
     path = os.path.abspath(path.rstrip("/"))
     if is_complete(path):
         return path
@@ -84,9 +84,10 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from megaclip import convert
-    from megaclip.checkpoint import (TEACHER_DIR, checkpoint_config, consolidate,
-                                     consolidate_teacher)
+    from megaclip.checkpoint import convert
+    from megaclip.checkpoint.inference import checkpoint_config
+    from megaclip.checkpoint.io import consolidate
+    from megaclip.teacher.state import TEACHER_DIR, consolidate_teacher
     from megaclip.config import save_resolved
 
     tag_dir = find_checkpoint(args.checkpoint)
@@ -151,8 +152,8 @@ def export_open_clip(out: str, tag_dir: str, cfg) -> list[str]:
 
     from safetensors.torch import save_file
 
-    from megaclip import convert
-    from megaclip.checkpoint import consolidate
+    from megaclip.checkpoint import convert
+    from megaclip.checkpoint.io import consolidate
     from megaclip.data.tokenizer import Tokenizer
     if not os.path.isfile(cfg.data.tokenizer):
         raise UserError(f"the run's tokenizer {cfg.data.tokenizer} is missing; open_clip needs it")
@@ -185,7 +186,7 @@ def verify_open_clip(out: str, tag_dir: str) -> float:
     import open_clip
     import torch
 
-    from megaclip.checkpoint import load_for_inference
+    from megaclip.checkpoint.inference import load_for_inference
     from megaclip.data.tokenizer import Tokenizer
     reference, cfg = load_for_inference(tag_dir)
     name = f"megaclip_{cfg.model.preset}"
@@ -225,7 +226,7 @@ def verify_safetensors(out: str, tag_dir: str) -> float:
     import torch
     from safetensors.torch import load_file
 
-    from megaclip.checkpoint import load_for_inference
+    from megaclip.checkpoint.inference import load_for_inference
     from megaclip.models import build_model
     reference, cfg = load_for_inference(tag_dir)
     model = build_model(cfg.model, cfg.objective, seed=1)
@@ -244,8 +245,10 @@ def verify_timm(out: str, tag_dir: str, encoder: str) -> float:
     import torch
     from safetensors.torch import load_file
 
-    from megaclip import convert
-    from megaclip.checkpoint import checkpoint_config, consolidate, consolidate_teacher
+    from megaclip.checkpoint import convert
+    from megaclip.checkpoint.inference import checkpoint_config
+    from megaclip.checkpoint.io import consolidate
+    from megaclip.teacher.state import consolidate_teacher
     from megaclip.models.vision import build_trunk
     cfg = checkpoint_config(tag_dir)
     with open(os.path.join(out, "timm_vit.json")) as f:

@@ -30,7 +30,7 @@ def eval_set_splits(folder: str) -> dict[str, str]:
     """{split: shard pattern} of a make_eval_set folder; "test" is its only split if alone."""
     import glob
 
-    from megaclip.data.writer import shard_pattern
+    from megaclip.make.writer import shard_pattern
     from megaclip.errors import UserError
     if not os.path.isfile(os.path.join(folder, "classes.json")):
         raise UserError(f"'{folder}' has no classes.json: is it a tools/make_eval_set.py folder?")
@@ -66,10 +66,10 @@ def main(argv=None) -> int:
         from megaclip.errors import UserError
         raise UserError("--batch-size must be positive")
 
-    from megaclip.checkpoint import load_for_inference
+    from megaclip.checkpoint.inference import load_for_inference
     from megaclip.data.eval_set import EvalSet
     from megaclip.data.tokenizer import Tokenizer
-    from megaclip.evaluation import evaluate
+    from megaclip.eval.zeroshot import evaluate
 
     model, cfg = load_for_inference(args.checkpoint)
     tokenizer = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
@@ -88,10 +88,10 @@ def main(argv=None) -> int:
         data = eval_set(args.shards or cfg.eval.shards, args.classes or cfg.eval.classes)
     results = evaluate(model, data, tokenizer, args.batch_size, torch.device("cpu"), torch.float32)
     if not args.no_probes:
-        from megaclip.probes import run_probes
+        from megaclip.eval.probes import run_probes
         trunk = None
         if args.encoder == "teacher":
-            from megaclip.checkpoint import consolidate_teacher
+            from megaclip.teacher.state import consolidate_teacher
             from megaclip.models.vision import build_trunk
             v = cfg.model.vision
             trunk = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads,

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         return 0
     from megaclip.config import load_config
     from megaclip.engine.metrics import peak_tflops
-    from megaclip.models.registry import PRESETS
+    from megaclip.models.presets import PRESETS
     from megaclip.reports import judge_training, read_metrics
     objectives = [o for o in args.objectives.split(",") if o]
     if not objectives or args.steps < 4:

@@ -70,8 +70,8 @@ def main(argv=None) -> int:
         raise UserError("--shard-size must be positive")
     splits = parse_splits(args.splits)
 
-    from megaclip.data import eval_builder as eb
-    from megaclip.data.writer import shard_pattern, write_shards
+    from megaclip.make import eval_set as eb
+    from megaclip.make.writer import shard_pattern, write_shards
     if args.images:
         folders, items = eb.folder_items(args.images)
         root = args.images

@@ -16,8 +16,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: the package beside it, not an installed one
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaclip.data.ingest import folder_samples, read_captions  # noqa: E402
-from megaclip.data.writer import shard_pattern, write_shards  # noqa: E402
+from megaclip.make.ingest import folder_samples, read_captions  # noqa: E402
+from megaclip.make.writer import shard_pattern, write_shards  # noqa: E402
 from megaclip.errors import UserError, run_cli  # noqa: E402
 
 EXAMPLE = """example:

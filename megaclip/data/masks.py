@@ -103,6 +103,17 @@ class Masking:
     text: "TextMlmConfig | None" = None
 
 
+def masking_for(image_size: int, patch_size: int, objective) -> "Masking | None":
+    """What the pipeline draws for ``objective`` (its ``Passes``): image masks when a term reads
+    the masked student pass, caption masks for MLM; None when neither."""
+    passes = objective.passes
+    if not passes.masked_image and not passes.masked_caption:
+        return None
+    return Masking(grid=image_size // patch_size,
+                   image=objective.mask if passes.masked_image else None,
+                   text=objective.text_mlm if passes.masked_caption else None)
+
+
 def ordinary_token_ids(tokenizer) -> np.ndarray:
     """Every id except BOS/EOS/PAD (random replacements never fake a special token)."""
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from megaclip.objective_config import LocalGlobalConfig
+from megaclip.objectives.config import LocalGlobalConfig
 
 Box = tuple[int, int, int, int]  # top, left, height, width in the source image
 

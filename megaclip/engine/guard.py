@@ -40,10 +40,16 @@ class StepGuard:
         return {"skipped_steps": self.skipped, "protected": list(self.protected),
                 "skipped_in_a_row": self.in_a_row}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = state.get("skipped_steps", 0)
+        self.protected = tuple(state.get("protected", ()))
+        self.in_a_row = state.get("skipped_in_a_row", 0)
+
     @classmethod
     def from_state(cls, max_in_a_row: int, state: dict) -> "StepGuard":
-        return cls(max_in_a_row, state.get("skipped_steps", 0), state.get("protected", ()),
-                   state.get("skipped_in_a_row", 0))
+        guard = cls(max_in_a_row)
+        guard.load_state_dict(state)
+        return guard
 
     @staticmethod
     def local_flags(terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 
 from megaclip.config import MaskDistillConfig
 from megaclip.losses.centering import Centering, target_entropies, teacher_temperature
-from megaclip.models.vision import keep_tokens
+from megaclip.models.vision import tokens_at
 
 __all__ = ["MaskedDistillLoss", "teacher_temperature"]
 
@@ -35,7 +35,7 @@ class MaskedDistillLoss(nn.Module):
         temp = teacher_temperature(self.cfg, step, self.total_steps)
         with torch.no_grad():
             center = self.centering.center
-            target = F.softmax((keep_tokens(teacher, masked_index) - center) / temp, dim=-1)
+            target = F.softmax((tokens_at(teacher, masked_index) - center) / temp, dim=-1)
         log_student = F.log_softmax(student_patch_logits.float() / self.cfg.student_temp, dim=-1)
         loss = -(target * log_student).sum(-1).mean()
         with torch.no_grad():

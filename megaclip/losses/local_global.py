@@ -1,4 +1,4 @@
-"""Local-to-global self-distillation (SILC, METHODS.md 2): the student, seeing small local crops
+"""Local-to-global self-distillation (SILC, docs/methods.md §2): the student, seeing small local crops
 (and the other global crop), matches the EMA teacher's output on each global crop."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaclip.objective_config import LocalGlobalConfig
+from megaclip.objectives.config import LocalGlobalConfig
 from megaclip.losses.centering import Centering, target_entropies, teacher_temperature
 
 

@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from megaclip.models.vision import keep_tokens
+from megaclip.models.vision import tokens_at
 
 
 class MaskedPatchDecoder(nn.Module):
@@ -34,7 +34,7 @@ class MaskedPatchDecoder(nn.Module):
         x = torch.cat([tokens_B1K[:, :1], patches], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(keep_tokens(x[:, 1:], masked_BM))
+        return self.norm(tokens_at(x[:, 1:], masked_BM))
 
 
 class TextMlmDecoder(nn.Module):

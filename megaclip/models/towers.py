@@ -1,5 +1,6 @@
 """The two-tower model: image tower, text tower, learnable temperature (and SigLIP bias), and
-the student-side modules of the self-distillation objectives when they are configured."""
+the student-side modules of the self-distillation objectives when they are configured. Which
+passes a training forward runs is the objective's ``Passes`` (``objectives/passes.py``)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ from megaclip.models.decoders import MaskedPatchDecoder, TextMlmDecoder
 from megaclip.models.heads import PrototypeHead
 from megaclip.models.text import TextTower
 from megaclip.models.vision import VisionTower
+from megaclip.objectives.passes import Passes
 
 
 class TwoTower(nn.Module):
@@ -29,7 +31,8 @@ class TwoTower(nn.Module):
                  patch_decoder: Optional[MaskedPatchDecoder] = None,
                  distill_head: Optional[PrototypeHead] = None,
                  text_decoder: Optional[TextMlmDecoder] = None,
-                 contrastive_view: str = "full", global_head: Optional[PrototypeHead] = None):
+                 passes: Passes = Passes(full_views=1, caption=True),
+                 global_head: Optional[PrototypeHead] = None):
         super().__init__()
         self.visual = visual
         self.text = text
@@ -42,7 +45,7 @@ class TwoTower(nn.Module):
         self.distill_head = distill_head
         self.text_decoder = text_decoder
         self.global_head = global_head
-        self.contrastive_view = contrastive_view
+        self.passes = passes
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -80,7 +83,7 @@ class TwoTower(nn.Module):
             if keep_index is not None:  # the student sees the visible patches only
                 masked_pass = self.visual(images, keep_index)
             B = images.shape[0]
-            if masked_pass is not None and self.contrastive_view == "masked":
+            if masked_pass is not None and not self.passes.full_views:  # FLIP-style
                 image_feature = masked_pass[0]
             else:  # every global crop in one pass
                 feature, tokens_ = self.visual(view_major(images, views))

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 
-def keep_tokens(patches_BNW: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
+def tokens_at(patches_BNW: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
     """The patch tokens at ``index`` (per sample), in index order."""
     return patches_BNW.gather(1, index_BK[..., None].expand(-1, -1, patches_BNW.shape[-1]))
 
@@ -27,7 +27,7 @@ class MaskableViT(VisionTransformer):
     def embed(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self._pos_embed(self.patch_embed(images_BCHW))  # class token + position embeddings
         if keep_BK is not None:
-            x = torch.cat([x[:, :1], keep_tokens(x[:, 1:], keep_BK)], dim=1)
+            x = torch.cat([x[:, :1], tokens_at(x[:, 1:], keep_BK)], dim=1)
         return self.norm_pre(self.patch_drop(x))
 
     def forward(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None) -> torch.Tensor:

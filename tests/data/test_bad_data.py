@@ -14,8 +14,8 @@ from PIL import EpsImagePlugin, Image
 
 from megaclip.config import DataConfig
 from megaclip.data.tokenizer import Tokenizer
-from megaclip.data.webdataset import TrainStream, bad_shards_over_limit, build_train_loader
-from megaclip.data.writer import write_shards
+from megaclip.data.stream import TrainStream, bad_shards_over_limit, build_train_loader
+from megaclip.make.writer import write_shards
 from megaclip.errors import FatalError, UserError
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from megaclip.data.shards import ShardError, shard_list
-from megaclip.data.writer import write_shards
+from megaclip.make.writer import write_shards
 from tests.conftest import free_port
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from megaclip.data.shards import BadShard, ShardError, iter_shard, read_shard
-from megaclip.data.writer import write_shards
+from megaclip.make.writer import write_shards
 
 
 def _samples(n):

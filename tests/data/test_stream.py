@@ -10,8 +10,8 @@ from megaclip.data.masks import Masking
 from megaclip.data.shards import ShardError, expand_shards
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop
-from megaclip.data.webdataset import TrainStream, build_train_loader
-from megaclip.data.writer import write_shards
+from megaclip.data.stream import TrainStream, build_train_loader
+from megaclip.make.writer import write_shards
 from megaclip.errors import UserError
 
 

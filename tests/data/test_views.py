@@ -134,7 +134,7 @@ def test_colour_safe_keeps_the_hue_of_a_coloured_image():
 
 
 def test_local_size_must_tile_into_patches():
-    from megaclip.models.registry import check_multicrop, resolve_model_config
+    from megaclip.models.presets import check_multicrop, resolve_model_config
     cfg = load_config("clip_tiny_synthetic", ["objective.preset=silc",
                                               "objective.local_global.local_size=28"])
     with pytest.raises(UserError, match="local_size 28 is not a multiple of"):
@@ -154,7 +154,7 @@ def test_bad_multicrop_settings_are_named(override, needle):
 
 
 def test_pictures_show_uint8_and_normalised_views_alike():
-    from megaclip.pictures import denormalise
+    from megaclip.eval.pictures import denormalise
     view = TrainCrop(32, (0.5, 1.0))(_image(), (0, 0, 100, 100), (140, 120))[None]
     shown = denormalise(view, MEAN, STD)
     assert torch.allclose(shown, view.float() / 255)

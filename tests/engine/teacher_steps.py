@@ -13,16 +13,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaclip import checkpoint
+from megaclip.teacher import state as teacher_state
 from megaclip.config import load_config
 from megaclip.data.masks import Masking, batch_masks
 from megaclip.distributed import init_distributed, rank_device, setup_device, world
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype
 from megaclip.engine.optim import build_optimizer, param_groups
-from megaclip.engine.step import Objective, to_device, train_step
-from megaclip.engine.teacher import PREFIXES, EmaTeacher, build_ema_teacher
+from megaclip.engine.step import to_device, train_step
+from megaclip.objectives.loss import ObjectiveLoss as Objective
+from megaclip.teacher.build import build_ema_teacher
+from megaclip.teacher.ema import PREFIXES, EmaTeacher
 from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import build_teacher_modules
+from megaclip.teacher.build import build_teacher_modules
 
 GLOBAL_BATCH, VOCAB, MOMENTUM = 8, 128, 0.9
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
@@ -140,14 +142,14 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
 
     tag_dir = os.path.join(out_dir, f"stage{stage}")
     os.makedirs(tag_dir, exist_ok=True)
-    checkpoint.save_teacher(tag_dir, teacher)
+    teacher_state.save_teacher(tag_dir, teacher)
     dist.barrier()
     # A fresh teacher restored from the files holds this rank's shards bit for bit; it gathers
     # block by block, so its equal output also checks the whole copy against that path.
     trunk2, heads2 = build_teacher_modules(cfg.model, cfg.objective, z3, dtype)
     restored = EmaTeacher(engine.module, trunk2, heads2, dtype)
     restored.ema = {k: torch.zeros_like(v) for k, v in teacher.ema.items()}
-    checkpoint.load_teacher(tag_dir, restored)
+    teacher_state.load_teacher(tag_dir, restored)
     restored_exact = all(torch.equal(restored.ema[k], teacher.ema[k]) for k in teacher.ema)
     probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(7))
     same_output = torch.equal(restored(probe)["patch_logits"], teacher(probe)["patch_logits"])
@@ -176,7 +178,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     dist.all_reduce(exact, op=dist.ReduceOp.MIN)
     report["restored_exact_all_ranks"] = bool(exact.item() == 1.0)
     if rank == 0:
-        consolidated = checkpoint.consolidate_teacher(tag_dir)
+        consolidated = teacher_state.consolidate_teacher(tag_dir)
         report["max_abs_diff_vs_reference"] = max(
             (consolidated[k] - reference[k]).abs().max().item() for k in reference)
         report["max_abs_teacher_move"] = max(

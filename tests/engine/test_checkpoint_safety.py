@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from megaclip.checkpoint_folder import MARKER, complete_checkpoints
+from megaclip.checkpoint.folder import MARKER, complete_checkpoints
 from tests.conftest import ROOT
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from megaclip.data.shards import iter_shard
-from megaclip.data.writer import write_shards
+from megaclip.make.writer import write_shards
 from tests.conftest import ROOT, free_port
 
 

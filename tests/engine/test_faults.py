@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from megaclip.checkpoint import consolidate, consolidate_teacher
-from megaclip.checkpoint_folder import complete_checkpoints
+from megaclip.checkpoint.io import consolidate
+from megaclip.teacher.state import consolidate_teacher
+from megaclip.checkpoint.folder import complete_checkpoints
 from tests.conftest import ROOT, free_port
 
 

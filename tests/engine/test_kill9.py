@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from megaclip.checkpoint_folder import complete_checkpoints
+from megaclip.checkpoint.folder import complete_checkpoints
 from tests.conftest import ROOT, shared_memory_buffers
 
 STEPS = 12

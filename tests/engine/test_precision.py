@@ -12,7 +12,7 @@ from megaclip.engine.ds_config import (check_precision, load_ds_config, merge_ds
 from megaclip.engine import optim
 from megaclip.errors import UserError
 from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import build_teacher_modules
+from megaclip.teacher.build import build_teacher_modules
 from tests.conftest import ROOT, run_tool, synthetic_overrides
 
 

@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from megaclip.checkpoint import consolidate, consolidate_teacher
-from megaclip.engine.teacher import PREFIXES
+from megaclip.checkpoint.io import consolidate
+from megaclip.teacher.state import consolidate_teacher
+from megaclip.teacher.ema import PREFIXES
 from tests.conftest import ROOT, free_port, run_tool, shared_memory_buffers, synthetic_overrides
 
 
@@ -132,7 +133,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     # open_clip, as a user loads it: the model config, the weights, the exported tokenizer.
     import importlib.util
     import open_clip
-    from megaclip.checkpoint import load_for_inference
+    from megaclip.checkpoint.inference import load_for_inference
     from megaclip.data.tokenizer import Tokenizer
     reference, cfg = load_for_inference(str(a / "checkpoints" / "step00000006"))
     open_clip.add_model_config(str(exported / "megaclip_tiny.json"))
@@ -155,7 +156,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     spec = json.loads((exported / "timm_vit.json").read_text())
     model = timm.create_model(spec["arch"], pretrained=True, pretrained_cfg_overlay=dict(
         file=str(exported / "timm_vit.safetensors")), **spec["kwargs"]).eval()
-    from megaclip.checkpoint import checkpoint_config
+    from megaclip.checkpoint.inference import checkpoint_config
     from megaclip.models.vision import build_trunk
     v = checkpoint_config(str(a / "checkpoints" / "step00000006")).model.vision
     ours = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)

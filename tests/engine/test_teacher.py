@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from megaclip.checkpoint import shard_of, unshard
-from megaclip.engine.teacher import momentum_at
+from megaclip.teacher.state import shard_of, unshard
+from megaclip.teacher.ema import momentum_at
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

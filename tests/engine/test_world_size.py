@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from megaclip.checkpoint import consolidate, consolidate_teacher
+from megaclip.checkpoint.io import consolidate
+from megaclip.teacher.state import consolidate_teacher
 from megaclip.data.shards import iter_shard
-from megaclip.data.writer import write_shards
+from megaclip.make.writer import write_shards
 from tests.conftest import ROOT, free_port
 
 

@@ -12,7 +12,8 @@ from megaclip.config import load_config
 from megaclip.distributed import all_reduce_sum, init_distributed, rank_device, setup_device, world
 from megaclip.engine.ds_config import load_ds_config, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.optim import build_optimizer, param_groups
-from megaclip.engine.step import Objective, to_device, train_step
+from megaclip.engine.step import to_device, train_step
+from megaclip.objectives.loss import ObjectiveLoss as Objective
 from megaclip.models import build_model, resolve_model_config
 
 GLOBAL_BATCH, VOCAB = 8, 128

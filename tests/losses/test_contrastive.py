@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megaclip.config import ObjectiveConfig
-from megaclip.engine.step import Objective
+from megaclip.objectives.loss import ObjectiveLoss as Objective
 from megaclip.losses import ClipLoss, SigLipLoss
 
 N, D = 8, 16  # global batch, feature size

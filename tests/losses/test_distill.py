@@ -99,7 +99,7 @@ def test_mlm_loss_reads_the_chosen_positions_only():
 def test_a_checkpoint_from_before_the_centring_module_still_loads():
     """Objective states saved before ``Centering`` held ``distill.center`` shaped (1, 1, K)."""
     from megaclip.config import ObjectiveConfig
-    from megaclip.engine.step import Objective
+    from megaclip.objectives.loss import ObjectiveLoss as Objective
     cfg = ObjectiveConfig(mask_distill=MaskDistillConfig(weight=0.05, prototypes=K))
     objective = Objective(cfg, 100)
     old = torch.arange(K, dtype=torch.float32).reshape(1, 1, K)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from megaclip.config import ModelConfig, ObjectiveConfig, load_config
-from megaclip.engine.flops import forward_flops_per_sample
+from megaclip.objectives.flops import forward_flops_per_sample
 from megaclip.engine.optim import param_groups
-from megaclip.evaluation import recall_at_k
+from megaclip.eval.zeroshot import recall_at_k
 from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import towers_run_once
+from megaclip.objectives.terms import towers_run_once
 
 
 def tiny(**kw):
@@ -95,7 +95,7 @@ def test_siglip_runs_each_tower_once():
 def test_a_leaf_tower_run_twice_in_a_training_forward_is_named():
     """The guard beside the ZeRO-3 leaf blocks: a second pass of a leaf tower with gradients is a
     clear error; one pass, or two without gradients (evaluation), are not."""
-    from megaclip.models.registry import _check_leaves_run_once
+    from megaclip.zero3 import _check_leaves_run_once
     _, model = tiny()
     model.train()
     _check_leaves_run_once(model, {"visual": model.tower_blocks("visual")})

@@ -29,7 +29,7 @@ from megaclip.config import DataConfig
 from megaclip.data.decode import (BAD_KINDS, BadSample, BadSampleLog, decode_caption, load_image,
                                   open_image)
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
-from megaclip.data.sequence import (BlockShuffle, Position, SequencePoint, SequenceReader,
+from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
                                     derive_seed, shard_sequence, status_writer)
 from megaclip.data.shards import read_shard, shard_list
 from megaclip.data.tokenizer import Tokenizer

@@ -1,14 +1,17 @@
 """The objective's section of the config: which losses run, their weights and settings, and the
-named presets (METHODS.md sections 1-3). Part of the one typed config tree (``config.py``)."""
+named presets (docs/methods.md §1-3). Part of the one typed config tree (``config.py``); a
+term registered from outside (``objectives/terms.py``) adds its own section."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
 @dataclass
 class MaskConfig:
-    """Image patch masks, drawn per sample in the data pipeline (METHODS.md 1)."""
+    """Image patch masks, drawn per sample in the data pipeline (docs/methods.md §1)."""
     ratio: float = 0.75
     strategy: str = "random"  # random | block (BEiT-style rectangles)
     block_min_patches: int = 16
@@ -40,7 +43,7 @@ class MaskDistillConfig(PrototypeTargetsConfig):
 
 @dataclass
 class LocalGlobalConfig(PrototypeTargetsConfig):
-    """Local-to-global self-distillation (SILC, METHODS.md 2): per sample, ``global_crops``
+    """Local-to-global self-distillation (SILC, docs/methods.md §2): per sample, ``global_crops``
     views at the model's image size and ``local_crops`` at ``local_size``, drawn in the data
     pipeline; a DINO head on the pooled token of student and EMA teacher; cross-entropy from
     each teacher global view to every other student view. The contrastive loss reads each
@@ -82,7 +85,7 @@ class TeacherConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Which losses run and their weights; weighting happens in one place (engine/step.py).
+    """Which losses run and their weights; weighting happens in one place (objectives/loss.py).
 
     ``preset`` fills the values an experiment leaves unset (see OBJECTIVE_PRESETS)."""
     preset: str = "clip"  # clip | maskclip | maskclip_flip | silc | maskclip+silc
@@ -98,16 +101,39 @@ class ObjectiveConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     @property
+    def passes(self):
+        """What one training forward runs (``objectives/passes.py``), from the enabled terms."""
+        from megaclip.objectives.terms import passes_for
+        return passes_for(self)
+
+    @property
     def uses_masks(self) -> bool:
-        return self.mask_distill.weight > 0 or self.contrastive_view == "masked"
+        """Image patch masks are drawn: a term reads the masked student pass."""
+        return self.passes.masked_image
 
     @property
     def uses_multicrop(self) -> bool:
-        return self.local_global.weight > 0
+        """Several global views or local crops are drawn per sample."""
+        passes = self.passes
+        return passes.full_views > 1 or passes.local_views > 0
 
     @property
     def uses_teacher(self) -> bool:
-        return self.mask_distill.weight > 0 or self.local_global.weight > 0
+        return self.passes.uses_teacher
+
+
+def objective_config_class() -> type:
+    """``ObjectiveConfig`` with the sections of the registered terms as further fields."""
+    from megaclip.objectives.terms import registered_sections
+    extra = registered_sections()
+    return _with_sections(tuple(extra.items())) if extra else ObjectiveConfig
+
+
+@functools.lru_cache(maxsize=None)
+def _with_sections(sections: tuple) -> type:
+    return dataclasses.make_dataclass(
+        "ObjectiveConfig", [(name, cls, field(default_factory=cls)) for name, cls in sections],
+        bases=(ObjectiveConfig,))
 
 
 _MASKCLIP = {"contrastive_view": "full", "mask_distill": {"weight": 0.05},
@@ -119,14 +145,14 @@ _SILC = {"local_global": {"weight": 1.0}, "teacher": {"momentum": 0.996, "moment
 # Objective presets: config values applied beneath the experiment file and the overrides.
 OBJECTIVE_PRESETS: dict[str, dict] = {
     "clip": {},
-    # MaskCLIP as published: contrastive loss on a full-image student pass (METHODS.md 1).
+    # MaskCLIP as published: contrastive loss on a full-image student pass (docs/methods.md §1).
     "maskclip": _MASKCLIP,
     # Cheaper: the contrastive loss reads the masked student pass (FLIP-style), no full pass.
     "maskclip_flip": {**_MASKCLIP, "contrastive_view": "masked"},
-    # SILC (METHODS.md 2): contrastive on each global crop + local-to-global distillation.
+    # SILC (docs/methods.md §2): contrastive on each global crop + local-to-global distillation.
     "silc": _SILC,
     # Both distillation terms from one teacher pass over the global crops; the masked view is
-    # the first global crop (METHODS.md 3).
+    # the first global crop (docs/methods.md §3).
     "maskclip+silc": {**_MASKCLIP, **_SILC},
 }
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megaclip.evaluation import encode_split
+from megaclip.eval.zeroshot import encode_split
 
 REGULARISATION = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 IGNORE = -1

@@ -11,18 +11,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megaclip.comm_stats import CollectiveStats
+from megaclip.bench.comm_stats import CollectiveStats
 from megaclip.config import load_config
-from megaclip.data.masks import Masking, batch_masks
-from megaclip.distributed import default_env, init_distributed, setup_device, world
-from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
-from megaclip.engine.flops import train_flops_per_sample
+from megaclip.data.masks import batch_masks, masking_for
+from megaclip.engine.assembly import build_training, resolve_config, start_process
 from megaclip.engine.metrics import memory_figures, peak_tflops
-from megaclip.engine.optim import build_optimizer, param_groups
-from megaclip.engine.step import Objective, to_device, train_step
-from megaclip.engine.teacher import build_ema_teacher
-from megaclip.models import build_model, resolve_model_config
-from megaclip.models.registry import check_multicrop
+from megaclip.engine.step import to_device, train_step
+from megaclip.objectives.flops import train_flops_per_sample
 
 
 def random_batch(cfg, vocab_size: int, seed: int) -> dict:
@@ -30,16 +25,14 @@ def random_batch(cfg, vocab_size: int, seed: int) -> dict:
     need, drawn from ``seed``."""
     v, t, B = cfg.model.vision, cfg.model.text, cfg.train.micro_batch_size
     obj = cfg.objective
-    masking = Masking(grid=v.image_size // v.patch_size,
-                      image=obj.mask if obj.uses_masks else None,
-                      text=obj.text_mlm if obj.text_mlm.weight > 0 else None)
+    masking = masking_for(v.image_size, v.patch_size, obj)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(4, vocab_size, (B, t.context_length), generator=g)
     eot = torch.full((B,), t.context_length * 3 // 4)
     batch = {"images": torch.randn(B, 3, v.image_size, v.image_size, generator=g),
              "tokens": tokens, "eot": eot,
-             **batch_masks(masking, [seed * B + i for i in range(B)], tokens, eot,
-                           np.arange(4, vocab_size))}
+             **(batch_masks(masking, [seed * B + i for i in range(B)], tokens, eot,
+                            np.arange(4, vocab_size)) if masking is not None else {})}
     if obj.uses_multicrop:  # SILC's views, random like the rest
         lg = obj.local_global
         batch["views"] = torch.randn(B, lg.global_crops - 1, 3, v.image_size, v.image_size,
@@ -55,30 +48,21 @@ class ObjectiveStepper:
 
     def __init__(self, objective_preset: str, overrides: list[str], ds_config: dict,
                  vocab_size: int, total_steps: int, stats: Optional[CollectiveStats] = None):
-        import deepspeed
         cfg = load_config(None, [f"objective.preset={objective_preset}", *overrides])
-        default_env()
-        self.device = device = setup_device()
-        check_precision(ds_config, device)
-        if stats is not None:
-            stats.install()  # before DeepSpeed's backend looks its functions up
-        init_distributed()
-        rank, self.world_size = world()
-        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
-        check_multicrop(cfg.model, cfg.objective)
-        ds = merge_ds_config(ds_config, cfg.train, self.world_size)
-        self.dtype, self.stage = model_dtype(ds), zero_stage(ds)
-        z3 = ds if self.stage == 3 else None
-        model = build_model(cfg.model, cfg.objective, 0, z3, self.dtype)
-        opt, self.optimizer = build_optimizer(cfg.optim, param_groups(model,
-                                                                      cfg.optim.weight_decay),
-                                              device.type)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-        self.teacher = (build_ema_teacher(self.engine.module, cfg.model, cfg.objective, z3,
-                                          self.dtype, device)
-                        if cfg.objective.uses_teacher else None)
-        self.objective = Objective(cfg.objective, total_steps).to(device)
-        self.batch = to_device(random_batch(cfg, vocab_size, rank), device, self.dtype)
+        # No stop-signal handlers; the collective counters go in before DeepSpeed's backend
+        # looks its functions up.
+        process = start_process(ds_config, before_init=stats.install if stats else None)
+        device = self.device = process.device
+        self.world_size = process.world_size
+        cfg = resolve_config(cfg, vocab_size)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total_steps,
+                                                                 seed=0))
+        training = build_training(cfg, ds_config, self.world_size, device)
+        self.dtype, self.stage = training.dtype, training.stage
+        self.engine, self.teacher = training.engine, training.teacher
+        self.objective, self.optimizer = training.objective, training.optimizer_name
+        self.num_params = training.num_params()
+        self.batch = to_device(random_batch(cfg, vocab_size, process.rank), device, self.dtype)
         self.cfg, self.steps_done = cfg, 0
 
     def sync(self) -> None:
@@ -125,8 +109,7 @@ class ObjectiveStepper:
                 "teacher_forward": teacher.describe_forward() if teacher else None,
                 "comm": stats.summary(per=len(times)) if stats else None,
                 "optimizer": self.optimizer, **memory_figures(device),
-                "params_m": sum(getattr(p, "ds_numel", p.numel())
-                                for p in self.engine.module.parameters()) / 1e6}
+                "params_m": self.num_params / 1e6}
 
 
 def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_size: int,

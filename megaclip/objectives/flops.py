@@ -40,35 +40,36 @@ def head_flops(cfg: ModelConfig, obj: ObjectiveConfig, tokens: int, d=None) -> f
 
 
 def train_flops_per_sample(cfg: ModelConfig, obj: ObjectiveConfig | None = None) -> float:
-    """Forward + backward (3x forward) of every trained pass, plus the teacher's forward.
-    Recomputation by activation checkpointing is not counted (model FLOPs, not hardware)."""
-    if obj is None or (not obj.uses_masks and obj.text_mlm.weight == 0
-                       and not obj.uses_multicrop):
+    """Forward + backward (3x forward) of every trained pass the objective's ``Passes`` lists,
+    plus the teacher's forward. Recomputation by activation checkpointing is not counted (model
+    FLOPs, not hardware)."""
+    if obj is None:
         return 3.0 * forward_flops_per_sample(cfg)
+    passes = obj.passes
     v, t = cfg.vision, cfg.text
     patches = (v.image_size // v.patch_size) ** 2
     masked = num_masked(patches, obj.mask.ratio)
-    lg = obj.local_global
-    global_views = lg.global_crops if obj.uses_multicrop else 1
-    total = 3.0 * (text_flops(cfg) + 2 * t.width * cfg.embed_dim
-                   + global_views * 2 * v.width * cfg.embed_dim)
-    if obj.uses_masks:
+    total = 0.0
+    if passes.caption:
+        total += 3.0 * (text_flops(cfg) + 2 * t.width * cfg.embed_dim)
+    total += 3.0 * max(1, passes.full_views) * 2 * v.width * cfg.embed_dim  # image projections
+    if passes.masked_image:
         total += 3.0 * vision_flops(cfg, patches - masked)
-    if not obj.uses_masks or obj.contrastive_view == "full" or obj.uses_multicrop:
-        total += 3.0 * global_views * vision_flops(cfg, patches)  # every global view, whole
-    if obj.mask_distill.weight > 0:
+    total += 3.0 * passes.full_views * vision_flops(cfg, patches)  # every global view, whole
+    if "patch_logits" in passes.teacher_outputs:  # MaskCLIP's decoder and heads
         total += 3.0 * transformer_flops(patches + 1, v.width, obj.mask_distill.decoder_depth,
                                          v.mlp_ratio)
         total += 3.0 * head_flops(cfg, obj, masked)
         total += head_flops(cfg, obj, patches)  # teacher head, no grad
-    if obj.uses_teacher:  # the teacher's trunk over the global views, no grad
-        total += global_views * vision_flops(cfg, patches)
-    if obj.uses_multicrop:
+    total += passes.teacher_views * vision_flops(cfg, patches)  # the teacher's trunk, no grad
+    if "global_logits" in passes.teacher_outputs:  # SILC's local crops and heads
+        lg = obj.local_global
+        views = passes.full_views
         local_patches = (lg.local_size // v.patch_size) ** 2
-        total += 3.0 * lg.local_crops * vision_flops(cfg, local_patches, lg.local_size)
-        total += 3.0 * head_flops(cfg, obj, global_views + lg.local_crops, lg)
-        total += head_flops(cfg, obj, global_views, lg)  # teacher head
-    if obj.text_mlm.weight > 0:
+        total += 3.0 * passes.local_views * vision_flops(cfg, local_patches, lg.local_size)
+        total += 3.0 * head_flops(cfg, obj, views + passes.local_views, lg)
+        total += head_flops(cfg, obj, views, lg)  # teacher head
+    if passes.masked_caption:
         L = t.context_length
         total += 3.0 * text_flops(cfg)
         total += 3.0 * transformer_flops(L, t.width, obj.text_mlm.decoder_depth, t.mlp_ratio)

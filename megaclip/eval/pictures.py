@@ -54,7 +54,7 @@ def similarity_maps(model, data, tokenizer, device: torch.device, dtype: torch.d
     """Each of the first ``count`` held-out images beside the similarity of its patches (through
     the image projection) to its class's prompt embedding, scaled to [0, 1] per image. Every
     rank runs the same forwards (ZeRO-3 gathers need them all)."""
-    from megaclip.probes import class_text_embeddings
+    from megaclip.eval.probes import class_text_embeddings
     idx = list(range(min(count, len(data))))
     pixels = data.images(idx)
     tokens = model.visual(pixels.to(device, dtype))[1]

@@ -52,7 +52,7 @@ def bench_caption(rng: np.random.Generator) -> str:
 def write_bench_shards(out: str, shards: int, per_shard: int, side: int = 256,
                        seed: int = 0) -> str:
     """``shards`` WebDataset shards of ``per_shard`` (jpg, txt) samples; returns their pattern."""
-    from megaclip.data.writer import shard_pattern, write_shards
+    from megaclip.make.writer import shard_pattern, write_shards
     rng = np.random.default_rng(seed)
     samples = ({"__key__": f"s{i:08d}", "jpg": bench_jpeg(rng, side), "txt": bench_caption(rng)}
                for i in range(shards * per_shard))
@@ -83,7 +83,7 @@ def megaclip_batches(pattern: str, tokenizer: str, workers: int, batch: int, ima
 
     from megaclip.config import load_config
     from megaclip.data.tokenizer import Tokenizer
-    from megaclip.data.webdataset import build_train_loader
+    from megaclip.data.stream import build_train_loader
     from megaclip.engine.step import to_device
     cfg = dataclasses.replace(load_config(None, list(overrides)).data, train_shards=pattern,
                               workers=workers)

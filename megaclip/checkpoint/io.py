@@ -1,46 +1,31 @@
-"""Checkpoints: the one place that calls DeepSpeed's save/load.
+"""DeepSpeed's side of a checkpoint: the one place that calls its save and load.
 
-A checkpoint is written under ``<tag>.tmp`` by every rank (DeepSpeed's shards, megaclip's own
-client state and EMA teacher shards, each rank fsyncing its own files), then, once every rank is
-done, rank 0 writes the ``COMPLETE`` marker and renames the directory to ``<tag>``: a directory
-named like a checkpoint is always whole. The folder's naming, locking and housekeeping are in
-``checkpoint_folder``; a checkpoint given to ``--resume`` is only read.
+A checkpoint is written under ``<tag>.tmp`` by every rank (DeepSpeed's shards, then megaclip's
+own files of the rank, each rank fsyncing its own), then, once every rank is done, rank 0
+writes the ``COMPLETE`` marker and renames the directory to ``<tag>``: a directory named like a
+checkpoint is always whole. What megaclip's own files hold is ``train_state.py``; the folder's
+naming, locking and housekeeping are ``folder.py``; a checkpoint given to ``--resume`` is only
+read.
 """
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from megaclip.checkpoint_folder import (MARKER, TMP_SUFFIX, fsync_dir, is_complete,
+from megaclip.checkpoint.folder import (MARKER, TMP_SUFFIX, fsync_dir, is_complete,
                                         latest_checkpoint, marker, publish, tag_for,
                                         write_marker)
 from megaclip.config import save_resolved
-from megaclip.distributed import barrier, on_rank0, world
+from megaclip.distributed import barrier, on_rank0, rank, world
 from megaclip.errors import FatalError, UserError
 
 CONFIG_FILE = "config.yaml"
-CLIENT_DIR = "client"
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d{5})\.pt$")
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _fsync_files(folder: str, mine) -> None:
@@ -62,37 +47,34 @@ def _rank_of_file(name: str) -> Optional[int]:
     return int(m.group(1) or m.group(2)) if m else None
 
 
-def _finish_save(root: str, tag: str, step: int, client_state: dict, keep: int, cfg,
+def _finish_save(root: str, tag: str, step: int, optimizer_kind: Optional[str], keep: int, cfg,
                  protect: tuple) -> None:
     """Rank 0, once every rank's files are written and fsynced: its own files, the marker, then
-    the rename and retention (``checkpoint_folder.publish``)."""
+    the rename and retention (``folder.publish``)."""
     tmp = os.path.join(root, tag + TMP_SUFFIX)
     if cfg is not None:
         save_resolved(cfg, os.path.join(tmp, CONFIG_FILE))
     _fsync_files(tmp, lambda name: _rank_of_file(name) is None)
     for dirpath, _, _ in os.walk(tmp):
         fsync_dir(dirpath)
-    write_marker(tmp, {"step": step, "optimizer": client_state.get("optimizer"),
-                       "world_size": world()[1]})
+    write_marker(tmp, {"step": step, "optimizer": optimizer_kind, "world_size": world()[1]})
     publish(root, tag, keep, protect)
 
 
-def save(engine, root: str, step: int, client_state: dict, keep: int, cfg=None,
-         teacher=None, protect: tuple = ()) -> str:
-    """Write on every rank under ``<tag>.tmp`` (each rank fsyncs its own files), then mark
+def save(engine, root: str, step: int, write_own: Callable[[str], None], keep: int, cfg=None,
+         optimizer_kind: Optional[str] = None, protect: tuple = ()) -> str:
+    """Write on every rank under ``<tag>.tmp``: DeepSpeed's files, then ``write_own(tmp_dir)``
+    (this rank's megaclip files, named ``rankRRRRR.pt``; each rank fsyncs its own), then mark
     complete and rename (rank 0). Keeps the ``keep`` newest complete checkpoints, and those
     named in ``protect`` whatever their age."""
-    rank = world()[0]
+    me = rank()
     tag = tag_for(step)
     tmp = os.path.join(root, tag + TMP_SUFFIX)
     engine.save_checkpoint(root, tag=tag + TMP_SUFFIX, client_state={}, save_latest=False)
-    os.makedirs(os.path.join(tmp, CLIENT_DIR), exist_ok=True)
-    torch.save(client_state, os.path.join(tmp, CLIENT_DIR, f"rank{rank:05d}.pt"))
-    if teacher is not None:
-        save_teacher(tmp, teacher)
-    _fsync_files(tmp, lambda name: _rank_of_file(name) == rank)
+    write_own(tmp)
+    _fsync_files(tmp, lambda name: _rank_of_file(name) == me)
     barrier()  # every rank's files are written and on disk
-    on_rank0(_finish_save, root, tag, step, client_state, keep, cfg, tuple(protect))
+    on_rank0(_finish_save, root, tag, step, optimizer_kind, keep, cfg, tuple(protect))
     return os.path.join(root, tag)
 
 
@@ -175,12 +157,11 @@ def _convert_universal(tag_dir: str, scratch: str, out: str) -> str:
 
 
 def load(engine, tag_dir: str, scratch: str) -> dict:
-    """Restore model, optimiser and fp32 master shards; returns this rank's client state (read
-    with ``weights_only=True``: plain containers and tensors only). A checkpoint written at
-    another world size goes through DeepSpeed's universal format, converted under ``scratch``
-    (the run's own checkpoint folder; the source is only read), and every rank gets rank 0's
-    client state without its RNG."""
-    rank, ws = world()
+    """Restore model, optimiser and fp32 master shards; returns DeepSpeed's client state (empty
+    since megaclip keeps its own, ``train_state.py``). A checkpoint written at another world size
+    goes through DeepSpeed's universal format, converted under ``scratch`` (the run's own
+    checkpoint folder; the source is only read)."""
+    ws = world()[1]
     saved_ws = saved_world_size(tag_dir)
     source, universal = tag_dir, None
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -206,15 +187,9 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if universal is not None:
         barrier()
-        if rank == 0:
+        if rank() == 0:
             shutil.rmtree(universal, ignore_errors=True)
-    own = os.path.join(tag_dir, CLIENT_DIR, f"rank{rank if saved_ws == ws else 0:05d}.pt")
-    if not os.path.isfile(own):
-        return ds_client  # written before megaclip kept its client state apart
-    client = torch.load(own, map_location="cpu", weights_only=True)
-    if saved_ws != ws:
-        client.pop("rng", None)  # rank 0's generator state is not every rank's
-    return client
+    return ds_client
 
 
 def _own_step_tensors(optimizer) -> None:
@@ -228,72 +203,6 @@ def _own_step_tensors(optimizer) -> None:
             step = state["step"].detach().clone()
             state["step"] = (step.to(param.device, torch.float32) if on_device and
                              torch.is_tensor(param) else step)
-
-
-# --------------------------------------------------------------------------- EMA teacher
-TEACHER_DIR = "teacher"
-
-
-def shard_of(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s ZeRO-3 partition of a parameter: the flat tensor zero-padded to a multiple
-    of ``world_size``, cut in equal parts (DeepSpeed's layout)."""
-    flat = full.reshape(-1)
-    size = -(-flat.numel() // world_size)
-    padded = torch.zeros(size * world_size, dtype=flat.dtype)
-    padded[: flat.numel()] = flat
-    return padded[rank * size:(rank + 1) * size].clone()
-
-
-def unshard(shards: list[torch.Tensor], numel: int, shape: tuple) -> torch.Tensor:
-    """Inverse of ``shard_of`` over every rank's shard."""
-    return torch.cat([s.reshape(-1) for s in shards])[:numel].reshape(shape).clone()
-
-
-def save_teacher(tag_dir: str, teacher) -> None:
-    """Every rank writes its fp32 shards (ZeRO-3); with whole parameters rank 0 writes them."""
-    rank, ws = world()
-    if not teacher.partitioned and rank != 0:
-        return
-    os.makedirs(os.path.join(tag_dir, TEACHER_DIR), exist_ok=True)
-    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p, _ in teacher.pairs}
-    torch.save({"partitioned": teacher.partitioned, "world_size": ws, "rank": rank,
-                "numel": teacher.full_numels(), "shape": shapes, "ema": teacher.state_dict()},
-               os.path.join(tag_dir, TEACHER_DIR, f"rank{rank:05d}.pt"))
-
-
-def consolidate_teacher(tag_dir: str) -> dict[str, torch.Tensor]:
-    """The whole fp32 EMA teacher (names ``trunk.*``, ``head.*``) from a checkpoint's shards."""
-    folder = os.path.join(tag_dir, TEACHER_DIR)
-    files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    if not files:
-        raise UserError(f"checkpoint {tag_dir} holds no EMA teacher")
-    parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True, mmap=True)
-             for f in files]  # mapped, not read: memory holds the joined teacher only
-    head = parts[0]
-    if not head["partitioned"]:
-        return head["ema"]
-    if len(parts) != head["world_size"]:
-        raise UserError(f"checkpoint {tag_dir} has {len(parts)} of {head['world_size']} "
-                        f"teacher shards")
-    parts.sort(key=lambda d: d["rank"])
-    return {name: unshard([d["ema"][name] for d in parts], head["numel"][name],
-                          head["shape"][name]) for name in head["ema"]}
-
-
-def load_teacher(tag_dir: str, teacher) -> None:
-    """Restore the fp32 EMA: this rank's own shard when the world size is unchanged, otherwise
-    the consolidated teacher cut for the current ranks."""
-    rank, ws = world()
-    own = os.path.join(tag_dir, TEACHER_DIR, f"rank{rank:05d}.pt")
-    if teacher.partitioned and os.path.isfile(own):
-        saved = torch.load(own, map_location="cpu", weights_only=True)
-        if saved["partitioned"] and saved["world_size"] == ws:
-            teacher.load_state_dict(saved["ema"])
-            return
-    full = consolidate_teacher(tag_dir)
-    if teacher.partitioned:
-        full = {k: shard_of(v, rank, ws) for k, v in full.items()}
-    teacher.load_state_dict(full)
 
 
 def consolidate(tag_dir: str, keep=None) -> dict[str, torch.Tensor]:
@@ -312,26 +221,3 @@ def consolidate(tag_dir: str, keep=None) -> dict[str, torch.Tensor]:
     lazy = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
                                                     tag=os.path.basename(tag_dir), lazy_mode=True)
     return {k: v.contiguous().float() for k, v in lazy.items() if keep(k)}
-
-
-def checkpoint_config(tag_dir: str):
-    """The resolved config a checkpoint was trained with."""
-    from megaclip.config import config_from_dict
-    import yaml
-    path = os.path.join(tag_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"'{tag_dir}' has no {CONFIG_FILE}; is it a megaclip checkpoint?")
-    with open(path) as f:
-        return config_from_dict(yaml.safe_load(f))
-
-
-def load_for_inference(tag_dir: str):
-    """(model in eval mode with fp32 weights, resolved config) from a checkpoint directory."""
-    from megaclip.models import build_model
-    cfg = checkpoint_config(tag_dir)
-    model = build_model(cfg.model, cfg.objective, seed=0)
-    missing, unexpected = model.load_state_dict(consolidate(tag_dir), strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {tag_dir} does not match its config: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    return model.eval(), cfg

@@ -1,4 +1,4 @@
-"""The EMA teacher, kept in fp32 and, under ZeRO-3, sharded like the student (METHODS.md 4).
+"""The EMA teacher, kept in fp32 and, under ZeRO-3, sharded like the student (docs/methods.md §4).
 
 Under ZeRO-3 every parameter is split evenly over the ranks, and the teacher is built with the
 student's architecture under the same ``zero.Init`` partitioning, so rank r's shard of a teacher
@@ -25,17 +25,14 @@ partitioned in flat buffers that do not line up with parameters, so the fp32 val
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-# Teacher state names -> the student's: the trunk, MaskCLIP's patch head ("head.", the name
-# checkpoints have always used) and SILC's head on the pooled token.
-PREFIXES = {"trunk": ("trunk.", "visual.trunk."), "distill_head": ("head.", "distill_head."),
-            "global_head": ("global_head.", "global_head.")}
+from megaclip.teacher.whole_copy import PREFIXES, WholeCopy
+from megaclip.zero3 import gathered
 
 
 def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
@@ -43,85 +40,6 @@ def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
     if total_steps <= 1 or start == end:
         return start
     return end - (end - start) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-def _gathered(params: Iterable[nn.Parameter]):
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(params)
-
-
-class WholeCopy:
-    """Whole working copies of a ZeRO-3 teacher's parameters, in plain modules of the same
-    architecture, refreshed by one all-gather of every rank's working partitions.
-
-    Rank r holds elements [r*s, (r+1)*s) of each flattened parameter (``s`` its partition
-    size, the last one padded); the partitions are packed into one buffer, gathered as
-    (world, total) and each parameter is read back from its column range."""
-
-    def __init__(self, pairs: list, trunk: nn.Module, heads: dict[str, nn.Module]):
-        whole = {}
-        for key, module in (("trunk", trunk), *heads.items()):
-            for name, p in module.named_parameters():
-                p.requires_grad_(False)
-                whole[PREFIXES[key][0] + name] = p
-        self.parts = [p for _, p, _ in pairs]
-        self.targets = [whole[name] for name, _, _ in pairs]
-        for (name, p, _), t in zip(pairs, self.targets):
-            if tuple(t.shape) != tuple(p.ds_shape) or t.dtype != p.ds_tensor.dtype:
-                raise ValueError(f"whole teacher copy of {name}: {tuple(t.shape)} {t.dtype}, "
-                                 f"partitioned {tuple(p.ds_shape)} {p.ds_tensor.dtype}")
-        self.sizes = [p.ds_tensor.numel() for p in self.parts]
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self.total = sum(self.sizes)
-        self.dtype, device = self.parts[0].ds_tensor.dtype, self.parts[0].ds_tensor.device
-        self.send = torch.empty(self.total, dtype=self.dtype, device=device)
-        self.send_views = [self.send[o:o + n] for o, n in zip(self.offsets, self.sizes)]
-        self.bytes = sum(t.numel() * t.element_size() for t in self.targets)
-        self._stale, self._recv, self._work = True, None, None
-
-    def stale(self) -> None:
-        """The partitions changed: a gather in flight carries old values and is dropped."""
-        if self._work is not None:
-            self._work.wait()
-        self._stale, self._recv, self._work = True, None, None
-
-    @torch.no_grad()
-    def start(self) -> None:
-        """Start the all-gather (every rank, in the same order as its other collectives)."""
-        if not self._stale or self._recv is not None:
-            return
-        import torch.distributed as dist
-
-        from megaclip.distributed import world
-        torch._foreach_copy_(self.send_views, [p.ds_tensor for p in self.parts])
-        ws = world()[1]
-        if ws == 1:
-            self._recv = self.send
-            return
-        self._recv = torch.empty(ws * self.total, dtype=self.dtype, device=self.send.device)
-        self._work = dist.all_gather_into_tensor(self._recv, self.send, async_op=True)
-
-    def settle(self) -> None:
-        """Wait for a gather in flight (before the process group goes away), keeping its result."""
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-
-    @torch.no_grad()
-    def ready(self) -> None:
-        """Wait for the gather (starting it if nobody did) and unpack it into the copies."""
-        if not self._stale:
-            return
-        self.start()
-        if self._work is not None:
-            self._work.wait()
-        rows = self._recv.view(-1, self.total)
-        for t, o, n in zip(self.targets, self.offsets, self.sizes):
-            t.copy_(rows[:, o:o + n].reshape(-1)[:t.numel()].view(t.shape))
-        self._stale, self._recv, self._work = False, None, None
 
 
 class EmaTeacher:
@@ -262,13 +180,13 @@ class EmaTeacher:
         if self.whole is not None:
             self.whole.ready()
         trunk = self.trunk
-        with _gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
+        with gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
                        + list(trunk.norm_pre.parameters())):
             x = trunk.embed(images)
         for blk in trunk.blocks:
-            with _gathered(blk.parameters()):
+            with gathered(blk.parameters()):
                 x = blk(x)
-        with _gathered(trunk.norm.parameters()):
+        with gathered(trunk.norm.parameters()):
             return trunk.norm(x)
 
     @torch.no_grad()
@@ -281,37 +199,9 @@ class EmaTeacher:
         x = self.tokens(images)
         out = {}
         if self.head is not None:
-            with _gathered(self.head.parameters()):
+            with gathered(self.head.parameters()):
                 out["patch_logits"] = self.head(x[:patch_rows, 1:])
         if self.global_head is not None:
-            with _gathered(self.global_head.parameters()):
+            with gathered(self.global_head.parameters()):
                 out["global_logits"] = self.global_head(x[:, 0])
         return out
-
-
-def build_ema_teacher(student: nn.Module, model_cfg, objective_cfg,
-                      zero3_config: Optional[dict], dtype: torch.dtype,
-                      device: torch.device) -> EmaTeacher:
-    """The EMA teacher of ``student`` (the engine's module), initialised from it. Under ZeRO-3
-    its forward runs on a whole copy when that copy is at most
-    ``objective.teacher.whole_copy_max_gib``, otherwise block by block."""
-    from megaclip.models.registry import build_teacher_modules
-    trunk, heads = build_teacher_modules(model_cfg, objective_cfg, zero3_config, dtype)
-    trunk, heads = trunk.to(device), {k: h.to(device) for k, h in heads.items()}
-    whole = None
-    if zero3_config is not None:
-        modules = (trunk, *heads.values())
-        gib = sum(p.ds_numel * p.ds_tensor.element_size() for m in modules
-                  for p in m.parameters()) / 2**30
-        on_device = all(p.ds_tensor.device == device for m in modules for p in m.parameters())
-        if on_device and 0 < gib <= objective_cfg.teacher.whole_copy_max_gib:  # not offloaded
-            with torch.device("meta"):  # every value comes from the gather; no RNG drawn
-                w_trunk, w_heads = build_teacher_modules(model_cfg, objective_cfg, None, dtype)
-            whole = (w_trunk.to_empty(device=device),
-                     {k: h.to_empty(device=device) for k, h in w_heads.items()})
-            for source, copy in zip(modules, (whole[0], *whole[1].values())):
-                for (_, b), (_, c) in zip(source.named_buffers(), copy.named_buffers()):
-                    c.copy_(b)
-    teacher = EmaTeacher(student, trunk, heads, dtype, whole)
-    teacher.init_from_student()
-    return teacher

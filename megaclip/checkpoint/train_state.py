@@ -1,0 +1,92 @@
+"""Everything a checkpoint holds besides DeepSpeed's files, saved and restored in one place.
+
+Per rank: ``client/rankR.pt`` (step, samples seen, RNG, the data stream's position, the
+non-finite step guard, the objective's buffers such as the distillation centres) and, with an
+EMA teacher, ``teacher/rankR.pt`` (its fp32 shards, ``teacher/state.py``). Every key written is
+read back on resume. Files are read with ``weights_only=True``: plain containers and tensors.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megaclip.checkpoint import io
+from megaclip.checkpoint.io import saved_world_size
+from megaclip.distributed import rank, world
+from megaclip.teacher.state import load_teacher, save_teacher
+
+CLIENT_DIR = "client"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainState:
+    """The run's progress (``step``, ``samples_seen``) and the objects whose state a restart
+    must carry: ``guard`` (``state_dict``/``load_state_dict``), ``objective`` (an ``nn.Module``)
+    and ``teacher`` (an ``EmaTeacher`` or None). The data stream is built after the restore, from
+    ``stream`` (its saved position, None for a fresh start); at save time its current state is
+    given to ``save``."""
+
+    def __init__(self, guard, objective: nn.Module, teacher=None):
+        self.step, self.samples_seen = 0, 0
+        self.guard, self.objective, self.teacher = guard, objective, teacher
+        self.stream: Optional[dict] = None
+
+    def client_state(self, stream_state: dict) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "rng": rng_state(),
+                "data": stream_state, **self.guard.state_dict(),
+                "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
+
+    def save(self, engine, root: str, stream_state: dict, keep: int, cfg,
+             optimizer_kind: str) -> str:
+        """A checkpoint of this step under ``root`` (every rank); returns its path. Retention
+        keeps the checkpoint the guard protects."""
+        client = self.client_state(stream_state)
+
+        def write_own(tmp: str) -> None:
+            os.makedirs(os.path.join(tmp, CLIENT_DIR), exist_ok=True)
+            torch.save(client, os.path.join(tmp, CLIENT_DIR, f"rank{rank():05d}.pt"))
+            if self.teacher is not None:
+                save_teacher(tmp, self.teacher)
+
+        return io.save(engine, root, self.step, write_own, keep, cfg, optimizer_kind,
+                       protect=self.guard.protected)
+
+    def restore(self, engine, tag_dir: str, scratch: str) -> None:
+        """Load ``tag_dir`` into the engine (``io.load``; a world-size change goes through
+        DeepSpeed's universal checkpoint under ``scratch``) and into this state. At another world
+        size every rank takes rank 0's client state without its RNG."""
+        ds_client = io.load(engine, tag_dir, scratch)
+        me, ws = rank(), world()[1]
+        same_world = saved_world_size(tag_dir) == ws
+        own = os.path.join(tag_dir, CLIENT_DIR, f"rank{me if same_world else 0:05d}.pt")
+        if os.path.isfile(own):
+            client = torch.load(own, map_location="cpu", weights_only=True)
+            if not same_world:
+                client.pop("rng", None)  # rank 0's generator state is not every rank's
+        else:
+            client = ds_client  # written before megaclip kept its client state apart
+        self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.guard.load_state_dict(client)
+        self.objective.load_state_dict(client.get("objective", {}))
+        if self.teacher is not None:
+            load_teacher(tag_dir, self.teacher)
+        if "rng" in client:
+            set_rng_state(client["rng"])
+        self.stream = client["data"]

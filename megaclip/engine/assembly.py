@@ -1,0 +1,239 @@
+"""Building a run, in this order (each step a function with explicit arguments):
+
+1. ``start_process``: this rank's device (before any model, tensor, process group or data
+   worker), the precision check, the stop-signal handlers, the process group;
+2. the tokenizer and ``resolve_config``: the config resolved once, read-only afterwards;
+3. ``build_training``: DeepSpeed config, model (partitioned as it is created under ZeRO-3),
+   optimiser, engine, the objective's loss, the EMA teacher;
+4. ``resume``: the output folder locked and tidied, the checkpoint chosen and restored into the
+   ``TrainState``;
+5. the data stream (from the restored position), the evaluation set and the logger.
+
+``build_run`` runs them all for training; the benchmark (``bench/objectives.py``) runs 1 and 3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megaclip import cluster
+from megaclip.checkpoint import folder as checkpoint_folder
+from megaclip.checkpoint.io import check_optimizer, choose_resume
+from megaclip.checkpoint.train_state import TrainState
+from megaclip.config import Config, save_resolved
+from megaclip.data.eval_set import EvalSet
+from megaclip.data.masks import masking_for
+from megaclip.data.shards import shard_list
+from megaclip.data.stream import TrainLoader, build_train_loader
+from megaclip.data.tokenizer import Tokenizer
+from megaclip.data.views import MultiCrop
+from megaclip.distributed import default_env, init_distributed, on_rank0, setup_device, world
+from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
+from megaclip.engine.guard import StepGuard
+from megaclip.engine.metrics import MetricLogger, peak_tflops
+from megaclip.engine.optim import build_optimizer, param_groups
+from megaclip.models.build import build_model
+from megaclip.models.presets import check_multicrop, context_length, resolve_model_config
+from megaclip.objectives.flops import train_flops_per_sample
+from megaclip.objectives.loss import ObjectiveLoss
+from megaclip.teacher.build import build_ema_teacher
+from megaclip.teacher.ema import EmaTeacher
+
+
+@dataclass
+class Process:
+    """Where this rank runs; set up before anything else."""
+    device: torch.device
+    rank: int
+    world_size: int
+    from_slurm: bool  # an srun task: the rendezvous came from Slurm's variables
+    stop_signal: Optional[cluster.StopSignal]
+
+
+def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
+                  stop_signals: Optional[tuple] = None, before_init=None) -> Process:
+    """The rank's device (``cuda:LOCAL_RANK``, chosen before anything touches a GPU), the
+    precision check, the stop-signal handlers (before data workers fork, so they inherit the
+    handler instead of dying of it; None: none installed) and the process group.
+    ``before_init``: called just before the process group starts (collective counters)."""
+    from_slurm = cluster.setup_from_slurm()  # an srun task: env:// from Slurm's variables
+    default_env()
+    device = setup_device(slurm_task=from_slurm)
+    check_precision(ds_config, device, ds_source)
+    stop = cluster.StopSignal(tuple(stop_signals)) if stop_signals is not None else None
+    if before_init is not None:
+        before_init()
+    init_distributed()
+    rank, world_size = world()
+    return Process(device, rank, world_size, from_slurm, stop)
+
+
+def resolve_config(cfg: Config, vocab_size: int) -> Config:
+    """Fill what the experiment file leaves to the model preset and the tokenizer."""
+    model = resolve_model_config(cfg.model, vocab_size)
+    check_multicrop(model, cfg.objective)
+    return dataclasses.replace(cfg, model=model)
+
+
+@dataclass
+class Training:
+    """What a step runs on: the DeepSpeed engine and its optimiser, the objective's loss and the
+    EMA teacher (None without one)."""
+    ds_config: dict
+    dtype: torch.dtype
+    stage: int
+    engine: object
+    optimizer: object  # DeepSpeed's wrapper of the one below
+    optimizer_name: str  # which implementation runs, and why
+    optimizer_kind: str  # its class, recorded in every checkpoint
+    objective: ObjectiveLoss
+    teacher: Optional[EmaTeacher]
+
+    def num_params(self) -> int:
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                   for p in self.engine.module.parameters())
+
+
+def build_training(cfg: Config, ds_config: dict, world_size: int, device: torch.device,
+                   ds_source: str = "DeepSpeed config") -> Training:
+    """DeepSpeed config -> model (``zero.Init`` under ZeRO-3) -> optimiser -> engine -> the
+    objective's loss -> EMA teacher, from a resolved ``cfg``."""
+    import deepspeed
+    ds = merge_ds_config(ds_config, cfg.train, world_size, ds_source)
+    dtype, stage = model_dtype(ds), zero_stage(ds)
+    zero3 = ds if stage == 3 else None
+    model = build_model(cfg.model, cfg.objective, cfg.train.seed, zero3, dtype)
+    optimizer, optimizer_name = build_optimizer(
+        cfg.optim, param_groups(model, cfg.optim.weight_decay), device.type)
+    kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    objective = ObjectiveLoss(cfg.objective, cfg.train.steps).to(device)
+    teacher = None
+    if cfg.objective.uses_teacher:
+        teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, zero3, dtype, device)
+    return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher)
+
+
+def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Optional[str]
+           ) -> tuple[Optional[str], list[str]]:
+    """Lock and tidy the checkpoint folder (what interrupted writes left is finished or removed,
+    never resumed from as is), choose the checkpoint (rank 0; every rank checks it) and restore
+    it into ``state``. Returns (the checkpoint resumed from or None, notes for the log)."""
+    notes = list(on_rank0(checkpoint_folder.prepare_output, ckpt_root, resume_arg))
+    resume_dir = choose_resume(ckpt_root, resume_arg)
+    if resume_dir is not None:
+        check_optimizer(resume_dir, training.optimizer_kind)
+        state.restore(training.engine, resume_dir, ckpt_root)
+        # Newer checkpoints of this run: kept, out of the way.
+        notes += [f"moved {p} aside: resuming from the older {resume_dir}"
+                  for p in on_rank0(checkpoint_folder.move_aside, ckpt_root, state.step)]
+    return resume_dir, notes
+
+
+def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: TrainState,
+                 urls: list[str]) -> TrainLoader:
+    """This rank's stream, from the position ``state`` restored (or the start)."""
+    v, obj = cfg.model.vision, cfg.objective
+    return build_train_loader(
+        cfg.data, v.image_size, tokenizer, cfg.train.micro_batch_size, process.rank,
+        process.world_size, state.stream, restart_seed=state.step,
+        masking=masking_for(v.image_size, v.patch_size, obj), urls=urls,
+        stop_signals=tuple(cfg.train.stop_signals),
+        multicrop=(MultiCrop(v.image_size, obj.local_global, cfg.data.crop_ratio)
+                   if obj.uses_multicrop else None),
+        pin_memory=process.device.type == "cuda")
+
+
+@dataclass
+class Run:
+    """A training run, built: everything the loop reads."""
+    cfg: Config  # resolved
+    process: Process
+    tokenizer: Tokenizer
+    training: Training
+    state: TrainState
+    ckpt_root: str
+    loader: TrainLoader
+    eval_set: Optional[EvalSet]
+    log: MetricLogger
+    global_batch: int
+    flops_per_sample: float
+    peak_tflops: Optional[float]
+
+    def close(self) -> None:
+        """Shut the data workers down (they outlive stop signals by design); a teacher gather
+        every rank started (after the last update) is let finish, whatever ended the run."""
+        if self.training.teacher is not None:
+            self.training.teacher.settle()
+        self.loader.close()
+
+
+def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
+              ds_source: str = "DeepSpeed config") -> Run:
+    """Every part of a training run, in the order of this module's docstring."""
+    process = start_process(ds_config, ds_source, tuple(cfg.train.stop_signals))
+    # Checked by rank 0 alone and shared: fail fast, before any rank builds a model.
+    urls = shard_list(cfg.data.train_shards)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = Tokenizer(cfg.data.tokenizer, context_length(cfg.model))
+    cfg = resolve_config(cfg, tokenizer.vocab_size)
+    if cfg.model.text.context_length != tokenizer.context_length:
+        raise AssertionError("tokenizer built with another context length")
+    training = build_training(cfg, ds_config, process.world_size, process.device, ds_source)
+    state = TrainState(StepGuard(cfg.train.max_skipped_steps_in_a_row), training.objective,
+                       training.teacher)
+    out_dir = cfg.train.output_dir
+    ckpt_root = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+    resume_dir, notes = resume(state, training, ckpt_root, resume_arg)
+    loader = build_loader(cfg, tokenizer, process, state, urls)
+    eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
+                        cfg.data.mean, cfg.data.std, cfg.data.image_keys, cfg.data.caption_key)
+                if cfg.eval.shards else None)
+    log = MetricLogger(os.path.join(out_dir, "tensorboard") if cfg.train.tensorboard else None,
+                       process.rank == 0, cfg.train.steps, os.path.join(out_dir, "metrics.jsonl"))
+    if process.rank == 0:
+        save_resolved(cfg, os.path.join(out_dir, "config.yaml"))
+    run = Run(cfg, process, tokenizer, training, state, ckpt_root, loader, eval_set, log,
+              cfg.train.micro_batch_size * cfg.train.grad_accum_steps * process.world_size,
+              train_flops_per_sample(cfg.model, cfg.objective),
+              peak_tflops(process.device, training.dtype, cfg.train.peak_tflops))
+    describe(run, resume_dir, notes)
+    return run
+
+
+def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
+    """The log's opening lines: ranks, precision, size, where it resumed from, the optimiser,
+    the ranks by host, the teacher."""
+    p, t, log = run.process, run.training, run.log
+    log.text(f"megaclip: {p.world_size} rank(s) on {p.device.type}, ZeRO stage {t.stage}, "
+             f"{str(t.dtype).replace('torch.', '')}, global batch {run.global_batch}, "
+             f"{t.num_params() / 1e6:.1f}M parameters"
+             + (f", resumed from {os.path.basename(resume_dir)} at step {run.state.step}"
+                + ("" if os.path.dirname(resume_dir) == os.path.abspath(run.ckpt_root)
+                   else f" (read from {os.path.dirname(resume_dir)})")
+                if resume_dir else ""))
+    for note in notes:
+        log.text(note)
+    log.text(f"optimiser: {t.optimizer_name}; "
+             + (f"MFU against {run.peak_tflops:g} TFLOP/s per device"
+                if run.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "
+                "and dtype; set train.peak_tflops)"))
+    hosts = [None] * p.world_size
+    torch.distributed.all_gather_object(hosts, cluster.host_description())
+    by_host: dict[str, list[int]] = {}
+    for r, h in enumerate(hosts):
+        by_host.setdefault(h, []).append(r)
+    log.text("ranks by host: " + "; ".join(f"{h}: {rs}" for h, rs in by_host.items())
+             + (f" (Slurm job {os.environ.get('SLURM_JOB_ID')}, rendezvous "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})"
+                if p.from_slurm else ""))
+    if t.teacher is not None:
+        held, full = t.teacher.memory_bytes()
+        log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
+                 f"{full / 2**20:.2f} MiB ({held / full:.3f}), "
+                 f"{'sharded like the student' if t.teacher.partitioned else 'whole'}"
+                 f"; its forward: {t.teacher.describe_forward()}")

@@ -1,0 +1,51 @@
+"""The objective's loss: the enabled terms' loss modules and the one place where their values
+are weighted (docs/methods.md §1-3)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megaclip.objectives.config import ObjectiveConfig
+from megaclip.objectives.terms import enabled_terms
+
+
+class ObjectiveLoss(nn.Module):
+    """The configured loss modules (``objectives/terms.py``), each under its term's attribute
+    (``contrastive``, ``distill``, ``local_global``, ``mlm``; the buffers they own, such as the
+    distillation centres, are its state dict), and their weights.
+
+    ``forward`` returns (terms, statistics): terms enter the total, statistics are only logged.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, total_steps: int):
+        super().__init__()
+        self.terms = enabled_terms(cfg)
+        self.weights = {t.term_name(cfg): t.weight(cfg) for t in self.terms}
+        for term in self.terms:
+            self.add_module(term.attr, term.build(cfg, total_steps))
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                teacher_out: Optional[dict[str, torch.Tensor]] = None, step: int = 0
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``outputs``: the model's; ``teacher_out``: the EMA teacher's (``patch_logits``,
+        ``global_logits``) when a term needs it."""
+        terms: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
+        for term in self.terms:
+            t, s = term.compute(getattr(self, term.attr), outputs, batch, teacher_out, step)
+            terms.update(t)
+            stats.update(s)
+        return terms, stats
+
+    def end_step(self, applied: bool) -> None:
+        """Once per optimiser step, on every rank: statistics gathered over its micro-batches
+        (the distillation centres) are folded in if the step was applied, dropped if skipped."""
+        for term in self.terms:
+            loss = getattr(self, term.attr)
+            if hasattr(loss, "end_step"):
+                loss.end_step(applied)
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[k] * v for k, v in terms.items())
