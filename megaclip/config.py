@@ -1,8 +1,9 @@
 """One typed config tree for megaclip.
 
 Precedence: CLI overrides (``section.key=value``) > experiment file (YAML or JSON) > defaults.
-Unknown keys and wrong types are errors that name the key and list the valid ones. After
-``resolve`` the tree is read-only in spirit: nothing in the trainer mutates it.
+Unknown keys and wrong types are errors that name the key and list the valid ones. Every
+section is a frozen dataclass: resolving (``engine/assembly.resolve_config``) makes a new tree
+with ``dataclasses.replace``, and nothing can change one afterwards.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from megaclip.objectives.config import (  # noqa: F401 - re-exported
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-@dataclass
+@dataclass(frozen=True)
 class VisionConfig:
     """Image tower (timm VisionTransformer). ``None`` fields take the preset's value."""
     image_size: Optional[int] = None
@@ -35,7 +36,7 @@ class VisionConfig:
     mlp_ratio: Optional[float] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextConfig:
     """CLIP-style causal text transformer. ``vocab_size`` 0 means: read it from the tokenizer."""
     context_length: Optional[int] = None
@@ -46,7 +47,7 @@ class TextConfig:
     mlp_ratio: float = 4.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     preset: str = "vit_b16"
     embed_dim: Optional[int] = None
@@ -67,7 +68,7 @@ class ModelConfig:
     max_logit_scale: float = 100.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train_shards: str = ""
     resampled: bool = True
@@ -100,7 +101,7 @@ class DataConfig:
     loader_timeout_s: float = 300.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     shards: str = ""
     classes: str = ""  # JSON file: {"classnames": [...], "templates": [...]}
@@ -115,7 +116,7 @@ class EvalConfig:
     pictures: int = 4
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     impl: str = "auto"  # auto | deepspeed_fused | apex_fused | torch_fused | torch
     lr: float = 5e-4
@@ -126,7 +127,7 @@ class OptimConfig:
     warmup_steps: int = 2000
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 10000
     micro_batch_size: int = 64  # per rank; the DeepSpeed JSON must not contradict it
@@ -151,7 +152,7 @@ class TrainConfig:
     peak_tflops: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -122,7 +122,7 @@ def run_child(args) -> int:
         result = measure_open_clip(model, args.batch, args.steps, args.warmup, cfg.optim.lr,
                                    cfg.optim.weight_decay)
     else:
-        from megaclip.distributed import world
+        from megaclip.distributed import rank
         from megaclip.bench.open_clip_step import OpenClipStepper
         from megaclip.bench.objectives import measure
         from megaclip.engine.ds_config import load_ds_config

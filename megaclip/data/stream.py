@@ -1,6 +1,6 @@
 """The training stream: WebDataset shards -> block-shuffled raw samples -> decoded, tokenised batches.
 
-Every (rank, worker) pair reads its own deterministic stream (``data/sequence.py``): its shard
+Every (rank, worker) pair reads its own deterministic stream (``data/shard_order.py``): its shard
 sequence and block order are seeded by (seed, rank, worker), and the view of raw sample ``i`` by
 (seed, rank, worker, i). Each batch carries its worker's ``Position``, so a checkpoint records
 where every worker is; on resume each worker draws its way to the shard it was in without opening

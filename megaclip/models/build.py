@@ -11,11 +11,9 @@ from torch import nn
 from megaclip.config import ModelConfig, ObjectiveConfig
 from megaclip.models.decoders import MaskedPatchDecoder, TextMlmDecoder
 from megaclip.models.heads import CosinePrototypes, PrototypeHead
-from megaclip.models.presets import (PRESETS, check_multicrop, context_length,  # noqa: F401
-                                     resolve_model_config)
 from megaclip.models.text import TextTower
 from megaclip.models.towers import TwoTower
-from megaclip.models.vision import VisionTower, build_trunk
+from megaclip.models.vision import VisionTower
 from megaclip.zero3 import check_dtype, gathered, is_partitioned, partitioned, set_leaf_blocks
 
 

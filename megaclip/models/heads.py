@@ -22,7 +22,7 @@ class CosinePrototypes(nn.Module):
 
     def __init__(self, dim: int, prototypes: int):
         super().__init__()
-        # As nn.Linear (models.registry.init_weights draws it again, as it draws a linear layer).
+        # As nn.Linear (models.build.init_weights draws it again, as it draws a linear layer).
         weight = torch.empty(prototypes, dim)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self.weight = nn.Parameter(weight)

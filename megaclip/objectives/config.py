@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskConfig:
     """Image patch masks, drawn per sample in the data pipeline (docs/methods.md §1)."""
     ratio: float = 0.75
@@ -18,7 +18,7 @@ class MaskConfig:
     block_min_aspect: float = 0.3
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrototypeTargetsConfig:
     """A prototype head and DINO-style targets: what both distillation terms share."""
     prototypes: int = 8192
@@ -33,7 +33,7 @@ class PrototypeTargetsConfig:
     freeze_prototypes_steps: int = 0  # the prototype layer does not learn for this many steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskDistillConfig(PrototypeTargetsConfig):
     """Masked self-distillation: student decoder predicts the EMA teacher's soft codewords."""
     weight: float = 0.0  # 0: off
@@ -41,7 +41,7 @@ class MaskDistillConfig(PrototypeTargetsConfig):
     decoder_heads: Optional[int] = None  # None: the vision tower's
 
 
-@dataclass
+@dataclass(frozen=True)
 class LocalGlobalConfig(PrototypeTargetsConfig):
     """Local-to-global self-distillation (SILC, docs/methods.md §2): per sample, ``global_crops``
     views at the model's image size and ``local_crops`` at ``local_size``, drawn in the data
@@ -61,7 +61,7 @@ class LocalGlobalConfig(PrototypeTargetsConfig):
     photometric: str = "dino"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextMlmConfig:
     """BERT-style masked language modelling on the caption."""
     weight: float = 0.0  # 0: off
@@ -71,7 +71,7 @@ class TextMlmConfig:
     decoder_depth: int = 4
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherConfig:
     """EMA teacher momentum: cosine from ``momentum`` to ``momentum_end`` over training; how its
     forward gets its parameters under ZeRO-3."""
@@ -83,7 +83,7 @@ class TeacherConfig:
     whole_copy_max_gib: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ObjectiveConfig:
     """Which losses run and their weights; weighting happens in one place (objectives/loss.py).
 
@@ -133,7 +133,7 @@ def objective_config_class() -> type:
 def _with_sections(sections: tuple) -> type:
     return dataclasses.make_dataclass(
         "ObjectiveConfig", [(name, cls, field(default_factory=cls)) for name, cls in sections],
-        bases=(ObjectiveConfig,))
+        bases=(ObjectiveConfig,), frozen=True)
 
 
 _MASKCLIP = {"contrastive_view": "full", "mask_distill": {"weight": 0.05},
