@@ -83,7 +83,10 @@ def megaclip_batches(pattern: str, tokenizer: str, workers: int, batch: int, ima
 
     from megaclip.config import load_config
     from megaclip.data.tokenizer import Tokenizer
-    from megaclip.data.stream import build_train_loader
+    try:
+        from megaclip.data.stream import build_train_loader
+    except ImportError:  # a checkout from before the data rooms were renamed (--parent)
+        from megaclip.data.webdataset import build_train_loader
     from megaclip.engine.step import to_device
     cfg = dataclasses.replace(load_config(None, list(overrides)).data, train_shards=pattern,
                               workers=workers)

@@ -51,7 +51,8 @@ class ObjectiveStepper:
         cfg = load_config(None, [f"objective.preset={objective_preset}", *overrides])
         # No stop-signal handlers; the collective counters go in before DeepSpeed's backend
         # looks its functions up.
-        process = start_process(ds_config, before_init=stats.install if stats else None)
+        process = start_process(ds_config, before_init=stats.install if stats else None,
+                                slurm=False)
         device = self.device = process.device
         self.world_size = process.world_size
         cfg = resolve_config(cfg, vocab_size)

@@ -1,4 +1,5 @@
-"""The training stream: WebDataset shards -> block-shuffled raw samples -> decoded, tokenised batches.
+"""The training stream: WebDataset shards -> block-shuffled raw samples -> decoded, tokenised batches
+(docs/methods.md §5).
 
 Every (rank, worker) pair reads its own deterministic stream (``data/shard_order.py``): its shard
 sequence and block order are seeded by (seed, rank, worker), and the view of raw sample ``i`` by
@@ -30,7 +31,7 @@ from megaclip.data.decode import (BAD_KINDS, BadSample, BadSampleLog, decode_cap
                                   open_image)
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
 from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
-                                    derive_seed, shard_sequence, status_writer)
+                                       derive_seed, shard_sequence, status_writer)
 from megaclip.data.shards import read_shard, shard_list
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop, TrainCrop, seeded

@@ -9,7 +9,8 @@
    ``TrainState``;
 5. the data stream (from the restored position), the evaluation set and the logger.
 
-``build_run`` runs them all for training; the benchmark (``bench/objectives.py``) runs 1 and 3.
+``build_run`` runs them all for training; the benchmark (``bench/objectives.py``) runs 1, the
+config resolution and 3.
 """
 from __future__ import annotations
 
@@ -51,16 +52,18 @@ class Process:
     rank: int
     world_size: int
     from_slurm: bool  # an srun task: the rendezvous came from Slurm's variables
-    stop_signal: Optional[cluster.StopSignal]
+    stop_signal: Optional[cluster.StopSignal]  # None: no handlers (the benchmark)
 
 
 def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
-                  stop_signals: Optional[tuple] = None, before_init=None) -> Process:
+                  stop_signals: Optional[tuple] = None, before_init=None,
+                  slurm: bool = True) -> Process:
     """The rank's device (``cuda:LOCAL_RANK``, chosen before anything touches a GPU), the
     precision check, the stop-signal handlers (before data workers fork, so they inherit the
     handler instead of dying of it; None: none installed) and the process group.
-    ``before_init``: called just before the process group starts (collective counters)."""
-    from_slurm = cluster.setup_from_slurm()  # an srun task: env:// from Slurm's variables
+    ``before_init``: called just before the process group starts (collective counters).
+    ``slurm``: an srun task takes its rendezvous from Slurm's variables."""
+    from_slurm = slurm and cluster.setup_from_slurm()
     default_env()
     device = setup_device(slurm_task=from_slurm)
     check_precision(ds_config, device, ds_source)
@@ -181,7 +184,7 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
     torch.manual_seed(cfg.train.seed)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length(cfg.model))
     cfg = resolve_config(cfg, tokenizer.vocab_size)
-    if cfg.model.text.context_length != tokenizer.context_length:
+    if cfg.model.text.context_length != tokenizer.context_length:  # an invariant
         raise AssertionError("tokenizer built with another context length")
     training = build_training(cfg, ds_config, process.world_size, process.device, ds_source)
     state = TrainState(StepGuard(cfg.train.max_skipped_steps_in_a_row), training.objective,

@@ -190,6 +190,9 @@ def validate_objective(obj: ObjectiveConfig, check: Callable[[bool, str], None])
     check(not (obj.uses_multicrop and obj.contrastive_view == "masked"),
           "objective.contrastive_view=masked cannot be combined with objective.local_global: "
           "the contrastive loss reads every global crop, which the student sees whole anyway")
+    check(obj.contrastive_view != "masked" or obj.passes.full_views == 0,
+          "objective.contrastive_view=masked: the contrastive loss reads the masked pass, but "
+          "another term needs the whole image too")
     check(lg.global_crops >= 1 and lg.local_crops >= 0
           and lg.global_crops + lg.local_crops >= 2,
           "objective.local_global needs global_crops >= 1, local_crops >= 0 and at least two "

@@ -8,6 +8,7 @@ from it. The built-in terms are listed below in the order their values are summe
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -128,14 +129,23 @@ _REGISTERED: list[Term] = []
 
 
 def register_term(term: Term) -> None:
-    """Add a term from outside the package (its ``config`` dataclass becomes the config section
-    ``objective.<section>``). Register before the config is loaded, in every process."""
+    """Add a term from outside the package (its ``config``, a frozen dataclass with a
+    ``weight``, becomes the config section ``objective.<section>``). Register before the config
+    is loaded, in every process. Its passes may use the views every objective has (one global
+    view, the masked view, the caption, the masked caption, the teacher's outputs); more
+    global views and local crops are drawn as ``objective.local_global`` says."""
     if term.section is None or term.config is None:
         raise ValueError("a registered term needs a config section name and its dataclass")
+    params = getattr(term.config, "__dataclass_params__", None)
+    if params is None or not params.frozen or "weight" not in {
+            f.name for f in dataclasses.fields(term.config)}:
+        raise ValueError(f"the config of term '{term.attr}' must be a frozen dataclass with a "
+                         f"weight")
     taken = {t.attr for t in terms()} | {t.section for t in terms()}
-    if term.attr in taken or term.section in taken:
+    if (term.attr in taken or term.section in taken or hasattr(ObjectiveConfig, term.section)
+            or hasattr(nn.Module, term.attr) or term.attr in ("terms", "weights")):
         raise ValueError(f"an objective term named '{term.attr}' or with section "
-                         f"'{term.section}' exists already")
+                         f"'{term.section}' exists already, or the name is taken")
     _REGISTERED.append(term)
 
 
@@ -152,7 +162,12 @@ def passes_for(cfg: ObjectiveConfig) -> Passes:
     """The passes of one training forward of ``cfg``: the union of its terms'."""
     out = Passes()
     for term in enabled_terms(cfg):
-        out = out | term.passes(cfg)
+        passes = term.passes(cfg)
+        if term in _REGISTERED and (passes.full_views > 1 or passes.local_views):
+            raise ValueError(f"term '{term.attr}' asks for {passes.full_views} global views and "
+                             f"{passes.local_views} local crops; only objective.local_global "
+                             f"draws more than one view")
+        out = out | passes
     return out
 
 

@@ -11,7 +11,6 @@ PREFIXES = {"trunk": ("trunk.", "visual.trunk."), "distill_head": ("head.", "dis
             "global_head": ("global_head.", "global_head.")}
 
 
-
 class WholeCopy:
     """Whole working copies of a ZeRO-3 teacher's parameters, in plain modules of the same
     architecture, refreshed by one all-gather of every rank's working partitions.

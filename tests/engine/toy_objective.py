@@ -16,7 +16,7 @@ from megaclip.objectives.passes import Passes  # noqa: E402
 from megaclip.objectives.terms import Term, register_term  # noqa: E402
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlignConfig:
     """The config section ``objective.align``."""
     weight: float = 0.0  # 0: off
