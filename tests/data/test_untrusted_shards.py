@@ -264,15 +264,17 @@ def test_training_reaches_its_last_step_over_crafted_shards_and_resumes_past_the
     (bad / "pax.tar").write_bytes(_pax_bomb(600 * MiB) + b"\0" * 512)
     with gzip.open(bad / "gzip.tar", "wb", compresslevel=1) as f:
         f.write(_pax_bomb(600 * MiB) + b"0" * MiB)
+    # 40 good samples in 10 shards: the 6 steps of 8 read a whole epoch, every bad shard too.
+    write_shards([_good(i) for i in range(40)], str(tmp_path / "good"), maxcount=4)
     shards = (f"pipe:sleep 600::{bad}/oversize.tar::{bad}/sparse.tar::{bad}/pax.tar::"
-              f"{bad}/gzip.tar::{synthetic}/train/shard-{{000000..000003}}.tar")
+              f"{bad}/gzip.tar::{tmp_path}/good/shard-{{000000..000009}}.tar")
     out = tmp_path / "run"
     common = [sys.executable, "megaclip/train.py", "--deepspeed_config",
               "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
               *synthetic_overrides(synthetic, out), f"data.train_shards={shards}",
               "data.resampled=false", "data.workers=0", "data.shuffle_buffer=0",
               "data.max_bad_shard_fraction=1", "data.shard_stall_timeout_s=1",
-              "data.max_member_bytes=1048576", "train.steps=4", "train.log_every=1",
+              "data.max_member_bytes=1048576", "train.steps=6", "train.log_every=1",
               "train.micro_batch_size=8", "train.ckpt_every=2", "eval.shards="]
     env = dict(os.environ, MASTER_PORT=str(29500 + os.getpid() % 1000))
     first = subprocess.run([*common, "--stop_after_steps", "1"], capture_output=True,
@@ -283,7 +285,7 @@ def test_training_reaches_its_last_step_over_crafted_shards_and_resumes_past_the
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     import json
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "train/loss" in line]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     last = rows[-1]
     assert last["train/skipped_shards"] >= 3  # the stalled pipe, the pax bomb, the gzip
     assert last["train/skipped_missing_image"] >= 1 and last["train/skipped_member_too_large"] >= 1
