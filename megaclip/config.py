@@ -90,6 +90,9 @@ class DataConfig:
     log_bad_samples: int = 10  # how many skipped samples each worker describes in the log
     image_formats: tuple = ("JPEG", "PNG", "WEBP")  # PIL formats tried; nothing else is decoded
     max_member_bytes: int = 256 * 2**20  # a tar member above this is not read; its sample skipped
+    # The members a sample needs (image, caption) together; a member that would take its sample
+    # above this is not read, and the sample is skipped. Other members are never read.
+    max_sample_bytes: int = 256 * 2**20
     max_caption_bytes: int = 2**20  # a caption above this is skipped before tokenising
     # Shards that fail while read are skipped; clearly more than this fraction of those read,
     # over all ranks (checked at log steps), is an error naming them. 0: none tolerated.
@@ -99,6 +102,10 @@ class DataConfig:
     # No batch for this long: an error naming each worker's shard. Below the process group's
     # 10-minute collective timeout, so the report comes before other ranks give up waiting.
     loader_timeout_s: float = 300.0
+    # A pipe: or URL shard whose command gives no data for this long is killed (with whatever it
+    # started) and skipped as a bad shard; below loader_timeout_s, so a stall is a bad shard
+    # before the loader gives up. 0: no limit.
+    shard_stall_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -335,8 +342,13 @@ def validate(cfg: Config) -> None:
     check(0 <= cfg.data.max_bad_shard_fraction <= 1, "data.max_bad_shard_fraction must be in [0, 1]")
     check(cfg.data.max_bad_samples_in_a_row >= 0, "data.max_bad_samples_in_a_row must be >= 0")
     check(cfg.data.loader_timeout_s > 0, "data.loader_timeout_s must be > 0")
-    check(cfg.data.max_member_bytes > 0 and cfg.data.max_caption_bytes > 0,
-          "data.max_member_bytes and data.max_caption_bytes must be > 0")
+    check(cfg.data.max_member_bytes > 0 and cfg.data.max_caption_bytes > 0
+          and cfg.data.max_sample_bytes > 0,
+          "data.max_member_bytes, data.max_caption_bytes and data.max_sample_bytes must be > 0")
+    check(0 <= cfg.data.shard_stall_timeout_s < cfg.data.loader_timeout_s,
+          f"data.shard_stall_timeout_s must be >= 0 and below data.loader_timeout_s "
+          f"({cfg.data.loader_timeout_s:g}), got {cfg.data.shard_stall_timeout_s:g}")
+    check(cfg.data.max_image_pixels > 0, "data.max_image_pixels must be > 0")
     from PIL import Image
     Image.init()
     unknown = [f for f in cfg.data.image_formats if f.upper() not in Image.OPEN]

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, run_tool
 
 TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
          "bench_objectives.py", "bench_resume.py", "bench_data.py", "convert_checkpoint.py",
-         "make_eval_set.py"]
+         "make_eval_set.py", "fuzz_shards.py"]
 
 
 def run_train(*args):
@@ -225,3 +225,11 @@ def test_make_eval_set_bad_input_exits_2(tmp_path, args, message):
     args = [places.get(a, a) for a in args]
     proc = run_tool("make_eval_set.py", *args, "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_fuzz_shards_runs_for_its_budget_and_finds_no_crash(tmp_path):
+    proc = run_tool("fuzz_shards.py", "--seconds", "3", "--json", str(tmp_path / "f.json"))
+    assert "crashes 0" in proc.stdout
+    import json
+    figures = json.loads((tmp_path / "f.json").read_text())
+    assert figures["inputs"] > 10 and figures["crashes"] == 0 and figures["bad_shards"] > 0

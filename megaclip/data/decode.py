@@ -13,12 +13,14 @@ from megaclip.errors import UserError
 
 log = logging.getLogger("megaclip.data")
 
-# Our own pixel limit is checked from the header before any pixel is decoded; PIL's global one
-# would turn the same case into an exception half-way through.
-Image.MAX_IMAGE_PIXELS = None
+# Our own pixel limit (data.max_image_pixels) is checked from the header before any pixel is
+# decoded. PIL's own limit (Image.MAX_IMAGE_PIXELS) stays on: above twice it PIL refuses to open
+# an image at all, which is counted as too large as well.
 
+# "sample_error": anything else that went wrong with one sample (counted, never fatal: the
+# stream replays exactly, so an error that ended the run would end every restart too).
 BAD_KINDS = ("missing_image", "missing_caption", "caption_not_utf8", "image_too_large",
-             "undecodable_image", "caption_too_long", "member_too_large")
+             "undecodable_image", "caption_too_long", "member_too_large", "sample_error")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL format names; EPS and the like never reach PIL
 
 
@@ -29,9 +31,11 @@ class BadSample(Exception):
 
 
 def _oversize(sample: dict, keys: tuple) -> None:
-    over = [k for k in sample.get("__oversize__", ()) if k in keys]
-    if over:
-        raise BadSample("member_too_large", f"'.{over[0]}' is over data.max_member_bytes")
+    hit = [k for k in keys if k in sample.get("__oversize__", ())]
+    if hit:
+        why = ("takes its sample over data.max_sample_bytes"
+               if hit[0] in sample.get("__sample_cap__", ()) else "is over data.max_member_bytes")
+        raise BadSample("member_too_large", f"'.{hit[0]}' {why}")
 
 
 def decode_caption(sample: dict, key: str, max_bytes: int = 1 << 62) -> str:
@@ -65,11 +69,22 @@ def open_image(sample: dict, keys: tuple, max_pixels: int,
     if key is None:
         raise BadSample("missing_image", f"none of .{', .'.join(keys)}")
     _oversize(sample, (key,))
-    raw: bytes = sample[key]
+    return open_bytes(sample[key], max_pixels, formats)
+
+
+def open_bytes(raw: bytes, max_pixels: int, formats: tuple = IMAGE_FORMATS) -> Image.Image:
+    """An encoded image opened as one of ``formats`` only (no other decoder, and no program
+    such as Ghostscript, ever sees it), its header read and its size checked against
+    ``max_pixels``; no pixel decoded yet (``load_image``). Every image megaclip reads, for
+    training, evaluation or making datasets, is opened here."""
+    if not isinstance(raw, (bytes, bytearray)):
+        raise BadSample("undecodable_image", f"not bytes: {type(raw).__name__}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(raw), formats=[f.upper() for f in formats])
+    except Image.DecompressionBombError as e:
+        raise BadSample("image_too_large", str(e)) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
     w, h = img.size  # header only
@@ -78,16 +93,18 @@ def open_image(sample: dict, keys: tuple, max_pixels: int,
     return img
 
 
-def load_image(img: Image.Image, draft: Optional[tuple[int, int]] = None) -> Image.Image:
-    """``img`` (from ``open_image``) decoded as RGB; a JPEG with a ``draft`` size is decoded at
-    the smallest 1/2^k scale at or above it (libjpeg's DCT scaling: far less work)."""
+def load_image(img: Image.Image, draft: Optional[tuple[int, int]] = None,
+               convert: bool = True) -> Image.Image:
+    """``img`` (from ``open_image``) decoded as RGB (in its own mode without ``convert``); a
+    JPEG with a ``draft`` size is decoded at the smallest 1/2^k scale at or above it (libjpeg's
+    DCT scaling: far less work)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if draft is not None and img.format == "JPEG":
                 img.draft("RGB", draft)
             img.load()
-            return img if img.mode == "RGB" else img.convert("RGB")
+            return img if img.mode == "RGB" or not convert else img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 
@@ -116,7 +133,8 @@ class BadSampleLog:
     def add(self, err: BadSample, sample: dict) -> None:
         self.counts[err.kind] += 1
         self.in_a_row += 1
-        self.members.update(k for k in sample if not k.startswith("__"))
+        self.members.update([k for k in sample if not k.startswith("__")]
+                            + list(sample.get("__unread__", ())))
         if len(self.shards) < self.MIN_SHARDS:
             self.shards.add(sample.get("__url__"))
         total = sum(self.counts.values())

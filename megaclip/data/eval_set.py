@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from megaclip.config import DataConfig
 from megaclip.data.decode import BadSample, decode_caption, decode_image
 from megaclip.data.shards import iter_shard, shard_list
 from megaclip.data.views import eval_transform
@@ -16,7 +17,12 @@ class EvalSet:
     """Holds the split's raw samples (it is small) and decodes the ones a rank asks for."""
 
     def __init__(self, shards: str, classes_file: str, image_size: int, mean: tuple, std: tuple,
-                 image_keys: tuple = ("jpg", "jpeg", "png", "webp"), caption_key: str = "txt"):
+                 image_keys: tuple = ("jpg", "jpeg", "png", "webp"), caption_key: str = "txt",
+                 max_pixels: int = DataConfig.max_image_pixels,
+                 formats: tuple = DataConfig.image_formats,
+                 max_member_bytes: int = DataConfig.max_member_bytes):
+        """``max_pixels``, ``formats`` and ``max_member_bytes``: the limits of training's reader
+        (``data.max_image_pixels``, ``data.image_formats``, ``data.max_member_bytes``)."""
         if not os.path.isfile(classes_file):
             raise UserError(f"eval classes file '{classes_file}' does not exist")
         with open(classes_file) as f:
@@ -25,10 +31,13 @@ class EvalSet:
             raise UserError(f"{classes_file} needs non-empty 'classnames' and 'templates'")
         self.classnames: list[str] = list(meta["classnames"])
         self.templates: list[str] = list(meta["templates"])
-        self.samples = [s for url in shard_list(shards) for s in iter_shard(url)]
+        needed = frozenset((*image_keys, caption_key, "cls", "mask.npy"))
+        self.samples = [s for url in shard_list(shards)
+                        for s in iter_shard(url, needed, max_member_bytes)]
         if not self.samples:
             raise UserError(f"eval shards '{shards}' hold no samples")
         self.image_keys, self.caption_key = tuple(image_keys), caption_key
+        self.max_pixels, self.formats = max_pixels, tuple(formats)
         self.transform = eval_transform(image_size, mean, std)
         self.image_size = image_size
         self.transform_mean, self.transform_std = tuple(mean), tuple(std)
@@ -46,7 +55,8 @@ class EvalSet:
         out = []
         for i in indices:
             try:
-                img = decode_image(self.samples[i], self.image_keys, 1 << 31)
+                img = decode_image(self.samples[i], self.image_keys, self.max_pixels,
+                                   self.formats)
             except BadSample as e:
                 raise UserError(f"eval sample {self.samples[i]['__key__']}: {e}") from None
             out.append(self.transform(img))

@@ -8,9 +8,13 @@ where every worker is; on resume each worker draws its way to the shard it was i
 the ones before, re-reads at most two blocks, and goes on exactly where it stopped.
 
 Problems in the data never end a run silently or for a single shard: bad samples and bad shards
-are skipped, counted and named; too many of them, or a long run of unusable samples (a wrong
-``data.caption_key``), is an error that says what the samples hold; a stalled loader is
-reported with the shard each worker was reading.
+are skipped, counted and named; any failure on one sample skips that sample, whatever it is (the
+stream replays exactly, so a sample that ended the run would end every restart too); too many of
+them, or a long run of unusable samples (a wrong ``data.caption_key``), is an error that says what
+the samples hold; a stalled loader is reported with the shard each worker was reading. A data
+worker that dies (killed by a decoder, out of memory) has the shard it was reading recorded in
+``data_worker_deaths.txt`` of the run's output folder; when the run resumes that shard is skipped
+as a bad shard, and the stream is otherwise exactly the same.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import atexit
 import logging
 import math
 import multiprocessing as mp
+import os
 import time
 import zlib
 from typing import Iterator, Optional
@@ -32,7 +37,7 @@ from megaclip.data.decode import (BAD_KINDS, BadSample, BadSampleLog, decode_cap
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
 from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
                                        derive_seed, shard_sequence, status_writer)
-from megaclip.data.shards import read_shard, shard_list
+from megaclip.data.shards import BadShard, read_shard, shard_list
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop, TrainCrop, seeded
 from megaclip.errors import FatalError, UserError
@@ -57,8 +62,9 @@ class TrainStream(IterableDataset):
                  rank: int, world_size: int, start: Optional[dict[int, dict]] = None,
                  stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None,
                  urls: Optional[list[str]] = None, status=None,
-                 multicrop: Optional[MultiCrop] = None):
+                 multicrop: Optional[MultiCrop] = None, refused: Optional[dict] = None):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.refused = dict(refused or {})  # shard -> why it is skipped unread
         self.multicrop = multicrop
         self.masking = masking
         self.ordinary_ids = (ordinary_token_ids(tokenizer)
@@ -81,13 +87,19 @@ class TrainStream(IterableDataset):
         """Worker ``wid``'s raw samples from its saved position (or the beginning)."""
         cfg, who = self.cfg, f"rank {self.rank} worker {wid}"
         at = Position.from_dict(self.start[wid]) if wid in self.start else Position()
+        needed = frozenset((*cfg.image_keys, cfg.caption_key))
+
+        def read(url: str, skip: int) -> Iterator[dict]:
+            if url in self.refused:
+                return _refused(url, self.refused[url])
+            return read_shard(url, cfg.max_member_bytes, skip, needed, cfg.max_sample_bytes,
+                              cfg.shard_stall_timeout_s)
 
         def open_reader(point: SequencePoint) -> SequenceReader:
             seq = shard_sequence(len(self.urls), self.seed, self.rank, wid, nw, self.world_size,
                                  cfg.resampled)
             return SequenceReader(
-                self.urls, seq, point,
-                lambda url, skip: read_shard(url, cfg.max_member_bytes, skip), who,
+                self.urls, seq, point, read, who,
                 status_writer(self.status, slot) if self.status is not None else None)
         return BlockShuffle(open_reader, cfg.shuffle_buffer,
                             lambda block: derive_seed(self.seed, self.rank, wid, _SHUFFLE, block),
@@ -122,19 +134,22 @@ class TrainStream(IterableDataset):
                     box = self.crop.box(*source, seed)
                     image = load_image(image, self.crop.draft_size(*source, box)
                                        if cfg.jpeg_draft else None)
+                    view = self.crop(image, box, source)
                 else:
-                    image = load_image(image)
+                    globals_, locals_ = seeded(self.multicrop, load_image(image), seed)
             except BadSample as err:
                 bad.add(err, sample)
                 continue
+            except Exception as e:  # noqa: BLE001 - whatever one sample does, it is skipped
+                bad.add(BadSample("sample_error", f"{type(e).__name__}: {e}"), sample)
+                continue
             bad.good()
             if self.multicrop is not None:
-                globals_, locals_ = seeded(self.multicrop, image, seed)
                 images.append(globals_[0])
                 views.append(globals_[1:])
                 local_views.append(locals_)
             else:
-                images.append(self.crop(image, box, source))
+                images.append(view)
             captions.append(caption)
             if self.masking is not None:
                 seeds.append(derive_seed(seed, _MASKS))
@@ -153,6 +168,11 @@ class TrainStream(IterableDataset):
                     batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
                 images, captions, seeds, views, local_views = [], [], [], [], []
+
+
+def _refused(url: str, why: str) -> Iterator[dict]:
+    raise BadShard(url, why)
+    yield  # a generator: the error comes when the shard is read, like any other
 
 
 def bad_shards_over_limit(bad: int, read: int, fraction: float) -> bool:
@@ -212,8 +232,9 @@ class TrainLoader:
     reported with the shard each worker was reading."""
 
     def __init__(self, loader: DataLoader, state: StreamState, urls: list[str], status,
-                 closing=None):
+                 closing=None, deaths_file: Optional[str] = None):
         self.loader, self.state, self.urls, self.status = loader, state, urls, status
+        self.deaths_file = deaths_file
         self.closing = closing  # set: the workers may leave on a stop signal (WorkerSignals)
         if closing is not None:  # runs before multiprocessing's own exit handler terminates them
             atexit.register(_set_flag, closing)
@@ -232,13 +253,39 @@ class TrainLoader:
             try:
                 batch = next(it)
             except RuntimeError as e:
-                if "timed out" not in str(e) or self.status is None:
-                    raise
-                raise FatalError(self.stall_report(self.loader.timeout)) from None
+                if "timed out" in str(e) and self.status is not None:
+                    raise FatalError(self.stall_report(self.loader.timeout)) from None
+                self.raise_if_a_worker_died(e)
+                raise
             if "error" in batch:
                 raise UserError(batch["error"])
             self.state.update(batch)
             yield batch
+
+    def raise_if_a_worker_died(self, error: BaseException) -> None:
+        """When a data worker has died (torch reports it as a ``RuntimeError``, from wherever
+        the main process was), record the shard it was reading in ``deaths_file`` and raise a
+        ``FatalError`` that says so: a resumed run skips that shard instead of dying on it
+        again. Nothing happens when every worker is alive."""
+        workers = getattr(getattr(self.loader, "_iterator", None), "_workers", None) or []
+        dead = [(slot, w.exitcode) for slot, w in enumerate(workers)
+                if not w.is_alive() and w.exitcode not in (0, None)]
+        if not dead or self.status is None:
+            return
+        lines = []
+        for slot, code in dead:
+            shard, _, when = self.status[3 * slot: 3 * slot + 3]
+            url = self.urls[int(shard)] if when else None
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            if url is not None and self.deaths_file:
+                with open(self.deaths_file, "a") as f:
+                    f.write(url + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            lines.append(f"data worker {slot} died ({how}) while reading "
+                         + (f"{url}; it is recorded in {self.deaths_file} and skipped when the "
+                            f"run resumes" if url and self.deaths_file else (url or "no shard")))
+        raise FatalError("; ".join(lines) + f" ({error})") from None
 
     def stall_report(self, waited: float) -> str:
         now, lines = time.time(), []
@@ -262,14 +309,16 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                        urls: Optional[list[str]] = None,
                        stop_signals: tuple = (),
                        multicrop: Optional[MultiCrop] = None,
-                       pin_memory: bool = False) -> TrainLoader:
+                       pin_memory: bool = False,
+                       deaths_file: Optional[str] = None) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
     shard list, if already expanded (by ``shard_list``). ``stop_signals``: the signals the main
     process handles; the workers do not die of them (``WorkerSignals``). ``multicrop``: SILC's
     views instead of one crop per sample. ``pin_memory``: batches in page-locked memory, for
-    non-blocking copies to a GPU."""
+    non-blocking copies to a GPU. ``deaths_file``: where a dead worker's shard is recorded;
+    the shards it lists are skipped unread (as bad shards)."""
     workers = cfg.workers
     urls = urls if urls is not None else shard_list(cfg.train_shards)
     # What a saved position means depends on all of these; if one changed, replaying would
@@ -291,9 +340,14 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                         "instead of replaying", state.get("world_size"), state.get("workers"),
                         state.get("format", 1))
     status = mp.Array("d", 3 * workers, lock=False) if workers > 0 else None
+    refused = {}
+    if deaths_file and os.path.isfile(deaths_file):
+        with open(deaths_file) as f:
+            refused = {line.strip(): f"a data worker died reading it before (listed in "
+                                     f"{deaths_file})" for line in f if line.strip()}
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,
-                     status=status, multicrop=multicrop)
+                     status=status, multicrop=multicrop, refused=refused)
     closing = mp.Value("b", 0, lock=False) if workers > 0 else None
     on_start = WorkerSignals(stop_signals, closing) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
@@ -301,4 +355,4 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                         pin_memory=pin_memory,
                         timeout=cfg.loader_timeout_s if workers > 0 else 0,
                         worker_init_fn=on_start)
-    return TrainLoader(loader, kept, urls, status, closing)
+    return TrainLoader(loader, kept, urls, status, closing, deaths_file)

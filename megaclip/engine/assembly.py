@@ -44,6 +44,8 @@ from megaclip.objectives.loss import ObjectiveLoss
 from megaclip.teacher.build import build_ema_teacher
 from megaclip.teacher.ema import EmaTeacher
 
+DEATHS_FILE = "data_worker_deaths.txt"  # shards a data worker died reading, skipped on resume
+
 
 @dataclass
 class Process:
@@ -148,7 +150,8 @@ def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: Tra
         stop_signals=tuple(cfg.train.stop_signals),
         multicrop=(MultiCrop(v.image_size, obj.local_global, cfg.data.crop_ratio)
                    if obj.uses_multicrop else None),
-        pin_memory=process.device.type == "cuda")
+        pin_memory=process.device.type == "cuda",
+        deaths_file=os.path.join(cfg.train.output_dir, DEATHS_FILE))
 
 
 @dataclass
@@ -193,8 +196,10 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
     ckpt_root = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     resume_dir, notes = resume(state, training, ckpt_root, resume_arg)
     loader = build_loader(cfg, tokenizer, process, state, urls)
-    eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size,
-                        cfg.data.mean, cfg.data.std, cfg.data.image_keys, cfg.data.caption_key)
+    d = cfg.data
+    eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size, d.mean,
+                        d.std, d.image_keys, d.caption_key, d.max_image_pixels, d.image_formats,
+                        d.max_member_bytes)
                 if cfg.eval.shards else None)
     log = MetricLogger(os.path.join(out_dir, "tensorboard") if cfg.train.tensorboard else None,
                        process.rank == 0, cfg.train.steps, os.path.join(out_dir, "metrics.jsonl"))

@@ -72,6 +72,13 @@ class Trainer:
         self.last_batch = None  # on the host, for the pictures at evaluation
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        except RuntimeError as e:  # torch reports a dead data worker from wherever we were
+            self.run.loader.raise_if_a_worker_died(e)
+            raise
+
+    def _fit(self) -> dict:
         cfg, state, it = self.cfg, self.state, iter(self.run.loader)
         last = (cfg.train.steps if not self.stop_after
                 else min(cfg.train.steps, state.step + self.stop_after))

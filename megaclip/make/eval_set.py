@@ -13,11 +13,16 @@ import random
 from typing import Iterable, Optional
 
 import numpy as np
-from PIL import Image
 
+from megaclip.config import DataConfig
+from megaclip.data.decode import BadSample, load_image, open_bytes
 from megaclip.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# What an image file may be decoded as (nothing else is handed to a decoder), and its pixel
+# limit: training's defaults (data.image_formats, data.max_image_pixels), plus BMP, stored as PNG.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+MAX_PIXELS = DataConfig.max_image_pixels
 MASK_EXTENSIONS = (".png", ".npy")
 # CLIP's 7-template ensemble for ImageNet (Radford et al., 2021, notebook "prompt engineering").
 DEFAULT_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
@@ -133,7 +138,14 @@ def find_mask(masks: Optional[str], image_path: str, root: str) -> Optional[str]
 def read_mask(path: str, size: tuple[int, int], classes: int) -> np.ndarray:
     """Per-pixel labels: 0 the background, 1 + class index on a class, 255 (or -1) ignored."""
     try:
-        mask = np.load(path) if path.endswith(".npy") else np.array(Image.open(path))
+        if path.endswith(".npy"):
+            mask = np.load(path, allow_pickle=False)
+        else:
+            with open(path, "rb") as f:
+                mask = np.array(load_image(open_bytes(f.read(), MAX_PIXELS, ("PNG",)), None,
+                                           convert=False))
+    except BadSample as e:
+        raise UserError(f"mask {path} cannot be read: {e}") from None
     except Exception as e:  # noqa: BLE001 - numpy and PIL raise many types
         raise UserError(f"mask {path} cannot be read: {e}") from None
     if mask.ndim != 2 or mask.shape != (size[1], size[0]):
@@ -152,20 +164,20 @@ def samples(items: Iterable[tuple[str, int]], classnames: list[str], templates: 
     for i, (path, label) in enumerate(items):
         if not os.path.isfile(path):
             raise UserError(f"image {path} does not exist")
-        raw = open(path, "rb").read()
-        try:
-            with Image.open(io.BytesIO(raw)) as img:
-                fmt, size = img.format, img.size
-                img.load()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types
-            raise UserError(f"image {path} cannot be decoded: {e}") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:  # the same limits as training's reader, checked before any pixel is decoded
+            img = load_image(open_bytes(raw, MAX_PIXELS, IMAGE_FORMATS))
+            fmt, size = img.format, img.size
+        except BadSample as e:
+            raise UserError(f"image {path} cannot be used: {e}") from None
         sample = {"__key__": f"{prefix}{i:08d}", "txt": templates[0].format(classnames[label]),
                   "cls": str(label)}
         if fmt in ("JPEG", "PNG", "WEBP"):
             sample["jpg" if fmt == "JPEG" else fmt.lower()] = raw
         else:  # stored losslessly in a format training decodes
             buf = io.BytesIO()
-            Image.open(io.BytesIO(raw)).convert("RGB").save(buf, format="PNG")
+            img.save(buf, format="PNG")
             sample["png"] = buf.getvalue()
         mask_path = find_mask(masks, path, root)
         if mask_path:

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections import Counter
 from typing import Iterator
 
-from PIL import Image
 
-from megaclip.data.decode import BadSample
+from megaclip.data.decode import BadSample, load_image, open_bytes
 from megaclip.errors import UserError
 
 IMAGE_COLUMNS = ("image", "file", "filename", "path", "image_path")
@@ -57,20 +55,12 @@ def read_captions(path: str, image_col: str | None = None, caption_col: str | No
 
 
 def validate_image(data: bytes, max_pixels: int) -> str:
-    """Return the file extension for a decodable image; raise BadSample otherwise."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise BadSample("image_too_large", f"{w}x{h}")
-        fmt = img.format
-        img.load()
-    except BadSample:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
-    if fmt not in _EXT:
-        raise BadSample("unsupported_format", str(fmt))
+    """Return the file extension for an image that training can decode (JPEG, PNG, WebP, under
+    ``max_pixels``), opened with the same limits as training's reader: no other decoder sees
+    it; raise BadSample otherwise."""
+    img = open_bytes(data, max_pixels, tuple(_EXT))
+    fmt = img.format
+    load_image(img)
     return _EXT[fmt]
 
 
