@@ -12,7 +12,7 @@ setup(
         "torchvision>=0.19",
         "deepspeed>=0.16",
         "timm>=1.0",
-        "webdataset>=0.2.86",
+        "webdataset>=1.0",
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
         "pyyaml>=6",

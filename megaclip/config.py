@@ -250,7 +250,13 @@ def find_config_file(name_or_path: str) -> Path:
                     f"({', '.join(names)})")
 
 
-def read_config_file(path: Path) -> dict:
+def read_config_file(path: Path, _chain: tuple = ()) -> dict:
+    """The mapping of an experiment file, with the files its ``base:`` names beneath it (a chain
+    that comes back to a file is an error naming the chain)."""
+    chain = _chain + (path,)
+    if path.resolve() in [p.resolve() for p in _chain]:
+        raise UserError("config files extend each other in a cycle (base:): "
+                        + " -> ".join(str(p) for p in chain))
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -261,7 +267,7 @@ def read_config_file(path: Path) -> dict:
         raise UserError(f"config file {path} must hold a mapping at the top level")
     base = data.pop("base", None)  # an experiment file may extend another one
     if base is not None:
-        data = _merge(read_config_file(find_config_file(base)), data)
+        data = _merge(read_config_file(find_config_file(str(base)), chain), data)
     return data
 
 

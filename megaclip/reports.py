@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -16,6 +17,7 @@ import statistics
 from megaclip.errors import UserError
 
 _EVAL = re.compile(r"eval_step(\d+)\.json$")
+log = logging.getLogger("megaclip")
 
 
 def latest_eval(run_dir: str) -> dict:
@@ -61,8 +63,22 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir}: no metrics.jsonl (the run did not reach its first log step)")
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            # A run killed while writing leaves its last line cut (a resume appends after it).
+            log.warning("%s: line %d is not a whole JSON record (a write cut short?); skipped",
+                        path, number)
+            continue
+        rows.append(row)
     return [{k.removeprefix("train/"): v for k, v in r.items()} for r in rows
             if any(k.startswith("train/") for k in r)]
 

@@ -210,7 +210,7 @@ def test_make_eval_set_from_a_labels_csv(tmp_path):
     (["--images", "IMAGES", "--masks", "IMAGES"], "its image is 16x20 (h x w)"),  # RGB "masks"
     (["--images", "IMAGES", "--masks", "BADMASKS"], "labels are 0 (background), 1..2"),
     (["--csv", "EMPTYCSV"], "no rows under the header"),
-    (["--images", "IMAGES", "--out-again"], "already holds an evaluation set"),
+    (["--images", "IMAGES", "--out-again"], "the folder is not empty"),
 ])
 def test_make_eval_set_bad_input_exits_2(tmp_path, args, message):
     _image_tree(tmp_path / "images", per_class=1, masks=tmp_path / "badmasks")

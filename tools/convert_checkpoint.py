@@ -12,7 +12,10 @@
 
 The shards are read lazily: memory holds one copy of what is written at a time. --verify loads
 each output in its library, embeds a random batch there and in megaclip, prints the largest
-absolute difference, and exits 1 above --tolerance."""
+absolute difference, and exits 1 above --tolerance. The export is written beside --out and
+renamed into place when whole: a folder that is not empty is refused unless
+--force, which replaces it whole. The tokenizer copied for open_clip must be the file the
+checkpoint was trained with (its sha256, recorded in the checkpoint, is compared)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +34,7 @@ EXAMPLE = """examples:
   python tools/convert_checkpoint.py runs/demo/checkpoints/step00000400 --out exported \\
       --formats timm --encoder teacher
   python tools/convert_checkpoint.py runs/demo --out exported --formats open_clip --verify
+  python tools/convert_checkpoint.py runs/demo --out exported --force  # replace an export
 then, in open_clip (the model name is the config file's name):
   import open_clip, sys; open_clip.add_model_config("exported/megaclip_tiny.json")
   model, _, preprocess = open_clip.create_model_and_transforms(
@@ -63,7 +67,10 @@ def parse_args(argv=None):
                                 epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (.../stepNNNNNNNN), or a run directory or its "
                                       "checkpoints/ (the newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out whole (renamed aside, removed once the new "
+                        "export is in place)")
     p.add_argument("--formats", default=",".join(FORMATS),
                    help=f"comma separated, of {', '.join(FORMATS)} (default: all)")
     p.add_argument("--encoder", choices=("student", "teacher"), default="student",
@@ -81,60 +88,22 @@ def main(argv=None) -> int:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise UserError(f"--formats: unknown {unknown or 'empty'}; choose from {', '.join(FORMATS)}")
-    import torch
-    from safetensors.torch import save_file
-
-    from megaclip.checkpoint import convert
     from megaclip.checkpoint.inference import checkpoint_config
-    from megaclip.checkpoint.io import consolidate
-    from megaclip.teacher.state import TEACHER_DIR, consolidate_teacher
-    from megaclip.config import save_resolved
+    from megaclip.outputs import check_out, output_folder
+    from megaclip.teacher.state import TEACHER_DIR
 
     tag_dir = find_checkpoint(args.checkpoint)
+    check_out([args.out], args.force, inputs=[tag_dir])
     cfg = checkpoint_config(tag_dir)
     has_teacher = os.path.isdir(os.path.join(tag_dir, TEACHER_DIR))
     if "timm" in formats and args.encoder == "teacher" and not has_teacher:
         raise UserError(f"{tag_dir} has no EMA teacher (objective.preset "
                         f"'{cfg.objective.preset}'); use --encoder student")
-    if os.path.isfile(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder")
-    os.makedirs(args.out, exist_ok=True)
-    print(f"converting {tag_dir} ({cfg.model.preset}, objective {cfg.objective.preset})")
-    written, checks = [], []
-
-    if "safetensors" in formats:
-        state = consolidate(tag_dir, keep=lambda k: True)
-        save_file(convert.safetensors_state(state), os.path.join(args.out, "model.safetensors"))
-        written.append("model.safetensors")
-        del state
-        if has_teacher:
-            save_file(convert.safetensors_state({}, consolidate_teacher(tag_dir)),
-                      os.path.join(args.out, "ema_teacher.safetensors"))
-            written.append("ema_teacher.safetensors")
-        save_resolved(cfg, os.path.join(args.out, "config.yaml"))
-        written.append("config.yaml")
-        if args.verify:
-            checks.append(("safetensors", verify_safetensors(args.out, tag_dir)))
-    if "timm" in formats:
-        if args.encoder == "teacher":
-            trunk = convert.timm_vision(consolidate_teacher(tag_dir), teacher=True)
-        else:
-            trunk = convert.timm_vision(consolidate(
-                tag_dir, keep=lambda k: k.startswith(convert.STUDENT_TRUNK)))
-        arch, kwargs = convert.timm_create_kwargs(cfg.model)
-        save_file(convert.safetensors_state(trunk), os.path.join(args.out, "timm_vit.safetensors"))
-        with open(os.path.join(args.out, "timm_vit.json"), "w") as f:
-            json.dump({"arch": arch, "kwargs": kwargs, "encoder": args.encoder}, f, indent=1)
-        written += ["timm_vit.safetensors", "timm_vit.json"]
-        call = ", ".join([repr(arch)] + [f"{k}={v!r}" for k, v in kwargs.items()])
-        print(f"timm: timm.create_model({call}, pretrained=True, pretrained_cfg_overlay="
-              f"dict(file='{os.path.join(args.out, 'timm_vit.safetensors')}'))")
-        if args.verify:
-            checks.append((f"timm ({args.encoder})", verify_timm(args.out, tag_dir, args.encoder)))
     if "open_clip" in formats:
-        written += export_open_clip(args.out, tag_dir, cfg)
-        if args.verify:
-            checks.append(("open_clip", verify_open_clip(args.out, tag_dir)))
+        check_export_tokenizer(tag_dir, cfg)
+    print(f"converting {tag_dir} ({cfg.model.preset}, objective {cfg.objective.preset})")
+    with output_folder(args.out, args.force, inputs=[tag_dir]) as out:
+        written, checks = export(args, formats, tag_dir, cfg, out, has_teacher)
     print(f"wrote {', '.join(written)} to {args.out}")
     failed = [name for name, diff in checks if not diff <= args.tolerance]
     for name, diff in checks:
@@ -146,8 +115,70 @@ def main(argv=None) -> int:
     return 0
 
 
-def export_open_clip(out: str, tag_dir: str, cfg) -> list[str]:
-    """open_clip weights, model config, tokenizer model and tokenizer module; the names."""
+def check_export_tokenizer(tag_dir: str, cfg) -> None:
+    """The tokenizer the export copies is the one the checkpoint was trained with (an error
+    naming both otherwise; a warning for a checkpoint that does not record it)."""
+    from megaclip.checkpoint.train_state import check_tokenizer
+    if not os.path.isfile(cfg.data.tokenizer):
+        raise UserError(f"the run's tokenizer {cfg.data.tokenizer} is missing; open_clip needs it")
+    for warning in check_tokenizer(tag_dir, cfg.data.tokenizer,
+                                   advice=f"put the one it was trained with back at "
+                                          f"{cfg.data.tokenizer} to export it"):
+        print(warning, file=sys.stderr)
+
+
+def export(args, formats: list[str], tag_dir: str, cfg, out: str, has_teacher: bool):
+    """Write every format of ``formats`` into ``out`` (verified there with --verify); returns
+    (the names written, [(format, largest difference)])."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from megaclip.checkpoint import convert
+    from megaclip.checkpoint.io import consolidate
+    from megaclip.config import save_resolved
+    from megaclip.teacher.state import consolidate_teacher
+    written, checks = [], []
+
+    if "safetensors" in formats:
+        state = consolidate(tag_dir, keep=lambda k: True)
+        save_file(convert.safetensors_state(state), os.path.join(out, "model.safetensors"))
+        written.append("model.safetensors")
+        del state
+        if has_teacher:
+            save_file(convert.safetensors_state({}, consolidate_teacher(tag_dir)),
+                      os.path.join(out, "ema_teacher.safetensors"))
+            written.append("ema_teacher.safetensors")
+        save_resolved(cfg, os.path.join(out, "config.yaml"))
+        written.append("config.yaml")
+        if args.verify:
+            checks.append(("safetensors", verify_safetensors(out, tag_dir)))
+    if "timm" in formats:
+        if args.encoder == "teacher":
+            trunk = convert.timm_vision(consolidate_teacher(tag_dir), teacher=True)
+        else:
+            trunk = convert.timm_vision(consolidate(
+                tag_dir, keep=lambda k: k.startswith(convert.STUDENT_TRUNK)))
+        arch, kwargs = convert.timm_create_kwargs(cfg.model)
+        save_file(convert.safetensors_state(trunk), os.path.join(out, "timm_vit.safetensors"))
+        with open(os.path.join(out, "timm_vit.json"), "w") as f:
+            json.dump({"arch": arch, "kwargs": kwargs, "encoder": args.encoder}, f, indent=1)
+        written += ["timm_vit.safetensors", "timm_vit.json"]
+        call = ", ".join([repr(arch)] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        print(f"timm: timm.create_model({call}, pretrained=True, pretrained_cfg_overlay="
+              f"dict(file='{os.path.join(args.out, 'timm_vit.safetensors')}'))")
+        if args.verify:
+            checks.append((f"timm ({args.encoder})", verify_timm(out, tag_dir, args.encoder)))
+    if "open_clip" in formats:
+        written += export_open_clip(out, tag_dir, cfg, shown=args.out)
+        if args.verify:
+            checks.append(("open_clip", verify_open_clip(out, tag_dir)))
+    return written, checks
+
+
+def export_open_clip(out: str, tag_dir: str, cfg, shown: str = "") -> list[str]:
+    """open_clip weights, model config, tokenizer model and tokenizer module; the names.
+    ``shown``: the folder the printed call names (``out`` until it is renamed there)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -172,9 +203,10 @@ def export_open_clip(out: str, tag_dir: str, cfg) -> list[str]:
     with open(os.path.join(out, "megaclip_tokenizer.py"), "w") as f:
         f.write(convert.TOKENIZER_MODULE.format(context_length=tok.context_length,
                                                 bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id))
-    print(f"open_clip: open_clip.add_model_config('{os.path.join(out, name + '.json')}'); "
+    shown = shown or out
+    print(f"open_clip: open_clip.add_model_config('{os.path.join(shown, name + '.json')}'); "
           f"open_clip.create_model_and_transforms('{name}', pretrained="
-          f"'{os.path.join(out, 'open_clip_model.safetensors')}')")
+          f"'{os.path.join(shown, 'open_clip_model.safetensors')}')")
     return ["open_clip_model.safetensors", f"{name}.json", "spm.model", "megaclip_tokenizer.py"]
 
 

@@ -19,6 +19,11 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -r requirements.txt
   touch "$venv/.complete"
 fi
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >/tmp/megaclip-setup.log 2>&1 || { cat /tmp/megaclip-setup.log; exit 1; }
+# The install's log goes to a file of its own (not a fixed name in /tmp another user could own).
+log=$(mktemp "${TMPDIR:-/tmp}/megaclip-setup.XXXXXX")
+if ! "$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >"$log" 2>&1; then
+  cat "$log"; echo "[setup] the log above is kept in $log" >&2; exit 1
+fi
+rm -f "$log"
 ln -sfn "$venv" .venv
 echo "[setup] environment ready: .venv -> $venv"

@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Train a SentencePiece tokenizer on captions read from WebDataset shards or a text file."""
+"""Train a SentencePiece tokenizer on captions read from WebDataset shards or a text file.
+
+Writes PREFIX.model and PREFIX.vocab (trained beside them, then renamed into place). A tokenizer
+already there is refused unless --force: runs and checkpoints trained with it would read other
+token ids from the same path (they record its sha256 and refuse a changed file)."""
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import shutil
 import sys
 from typing import Iterator
 
@@ -17,11 +22,14 @@ from megaclip.data.decode import BadSample, decode_caption  # noqa: E402
 from megaclip.data.shards import expand_shards, iter_shard  # noqa: E402
 from megaclip.data.tokenizer import train_sentencepiece  # noqa: E402
 from megaclip.errors import UserError, run_cli  # noqa: E402
+from megaclip.outputs import check_out, install, partial_beside  # noqa: E402
 
 EXAMPLE = """examples:
   python tools/train_tokenizer.py --shards 'data/synthetic/train/shard-{000000..000019}.tar' \\
       --out data/synthetic/spm --vocab-size 256
   python tools/train_tokenizer.py --text captions.txt --out spm32k --vocab-size 32000
+  python tools/train_tokenizer.py --text captions.txt --out spm32k --vocab-size 32000 --force
+  (the last replaces spm32k.model and spm32k.vocab)
 """
 
 
@@ -50,7 +58,10 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="brace pattern of WebDataset shards")
     src.add_argument("--text", help="a text file, one caption per line")
-    p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model, PREFIX.vocab")
+    p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model, PREFIX.vocab "
+                                                "(new; see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--caption-key", default="txt")
     p.add_argument("--model-type", default="bpe", choices=["unigram", "bpe"])
@@ -58,14 +69,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.vocab_size < 8:
         raise UserError("--vocab-size must be at least 8")
+    outputs = [args.out + ".model", args.out + ".vocab"]
+    check_out(outputs, args.force, folder=False)
     captions = (captions_from_shards(args.shards, args.caption_key) if args.shards
                 else captions_from_text(args.text))
     captions = list(tqdm(itertools.islice(captions, args.max_captions), desc="captions",
                          unit="cap", mininterval=1.0))
     if not captions:
         raise UserError("no captions found")
-    path = train_sentencepiece(captions, args.out, args.vocab_size, args.model_type,
-                               args.max_captions)
+    tmp = partial_beside(args.out)
+    try:
+        prefix = os.path.join(tmp, os.path.basename(args.out))
+        train_sentencepiece(captions, prefix, args.vocab_size, args.model_type,
+                            args.max_captions)
+        check_out(outputs, args.force, folder=False)  # none appeared while it trained
+        for path in outputs:
+            install(prefix + os.path.splitext(path)[1], path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    path = outputs[0]
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=path)
     print(f"wrote {path}: {sp.get_piece_size()} pieces from {len(captions)} captions "

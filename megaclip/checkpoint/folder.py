@@ -3,17 +3,22 @@ of them are complete, and what keeps them from being lost.
 
 ``stepN`` is a complete checkpoint (its ``COMPLETE`` marker is whole: written, fsynced, then
 renamed into place); ``stepN.tmp`` one being written; ``stepN.replaced`` and ``stepN.delete``
-old copies on their way out; ``aside-<time>/`` checkpoints moved out of the way by a resume from
-an older one; ``MOVING_ASIDE`` the intent of such a move; ``LOCK`` held by the run's rank 0.
-Every rename is made so that a crash at any point leaves either the old or the new state, which
-``clean_interrupted`` finishes or undoes at the next start.
+old copies on their way out; ``aside-<time>/`` checkpoints (and the run's ``eval_stepN.json``)
+moved out of the way by a resume from an older one; ``MOVING_ASIDE`` the intent of such a move;
+``stepN.aside-<time>`` a folder named like a checkpoint but without a marker, which a save of
+step N found in its way (megaclip never deletes what it did not write); ``LOCK`` held by the
+run's rank 0. Every rename is made so that a crash at any point leaves either the old or the new
+state, which ``clean_interrupted`` finishes or undoes at the next start.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import time
 from typing import Optional
 
@@ -26,6 +31,8 @@ _DELETE = ".delete"  # a checkpoint retention is removing
 _MOVE_INTENT = "MOVING_ASIDE"  # while newer checkpoints are moved aside: the step they follow
 _LOCK = "LOCK"
 _TAG = re.compile(r"^step(\d+)$")
+_EVAL = re.compile(r"^eval_step(\d+)\.json$")  # the trainer's results, in the run's output dir
+log = logging.getLogger("megaclip")
 
 
 def tag_for(step: int) -> str:
@@ -75,10 +82,11 @@ def fsync_dir(path: str) -> None:
 def clean_interrupted(root: str) -> list[str]:
     """Finish or undo what interrupted writes left under ``root``; returns what it did, one line
     each. A ``<tag>.tmp`` with its marker was complete but not yet renamed: it becomes ``<tag>``
-    (unless that exists). One without is removed, as are ``<tag>.replaced`` (the copy a save of
-    the same step was replacing: put back if the new one never arrived) and ``<tag>.delete``
-    (retention's). A ``<tag>`` directory without a marker is left alone and named: megaclip
-    never writes one. Rank 0 only (``on_rank0``), before anything else."""
+    (unless a complete ``<tag>`` exists). One without is removed, as are ``<tag>.replaced`` (the
+    copy a save of the same step was replacing: put back if the new one never arrived) and
+    ``<tag>.delete`` (retention's). A ``<tag>`` directory without a marker is left alone and
+    named: megaclip never writes one (moved aside, never deleted, where a checkpoint of that
+    step must take its name). Rank 0 only (``on_rank0``), before anything else."""
     if not os.path.isdir(root):
         return []
     done = []
@@ -87,10 +95,14 @@ def clean_interrupted(root: str) -> list[str]:
         if not os.path.isdir(path):
             continue
         base = name.rsplit(".", 1)[0]
+        final = os.path.join(root, base)
         if name.endswith(TMP_SUFFIX) and _TAG.match(base) and is_complete(path) and \
                 marker(path)["step"] == int(_TAG.match(base).group(1)) and \
-                not os.path.exists(os.path.join(root, base)):
-            os.rename(path, os.path.join(root, base))
+                not _is_checkpoint_dir(final):
+            if os.path.lexists(final):  # not megaclip's: kept, out of the way
+                done.append(f"moved {base} aside to {os.path.basename(set_aside(final))}: no "
+                            f"{MARKER} marker, not a checkpoint megaclip wrote")
+            os.rename(path, final)
             done.append(f"completed {base}: its write had finished, only its rename had not")
         elif name.endswith(TMP_SUFFIX) or name.endswith(_DELETE):
             shutil.rmtree(path, ignore_errors=True)
@@ -103,6 +115,10 @@ def clean_interrupted(root: str) -> list[str]:
             if is_complete(os.path.join(root, base)):
                 shutil.rmtree(path)
             else:
+                if os.path.lexists(os.path.join(root, base)):  # not megaclip's: kept
+                    done.append(f"moved {base} aside to "
+                                f"{os.path.basename(set_aside(os.path.join(root, base)))}: no "
+                                f"{MARKER} marker, not a checkpoint megaclip wrote")
                 os.rename(path, os.path.join(root, base))
                 done.append(f"restored {base}: the save that was replacing it was interrupted")
         elif _TAG.match(name) and os.path.isdir(path) and not is_complete(path):
@@ -110,9 +126,10 @@ def clean_interrupted(root: str) -> list[str]:
     intent = os.path.join(root, _MOVE_INTENT)
     if os.path.isfile(intent):  # a resume from an older checkpoint was moving newer ones aside
         with open(intent) as f:
-            after = json.load(f)["after_step"]
+            moving = json.load(f)
+        after = moving["after_step"]
         done += [f"moved {p} aside: finishing the move of an interrupted resume from step "
-                 f"{after}" for p in move_aside(root, after)]
+                 f"{after}" for p in move_aside(root, after, moving.get("eval_dir"))]
         if os.path.exists(intent):
             os.remove(intent)
     for name in os.listdir(root):
@@ -122,22 +139,46 @@ def clean_interrupted(root: str) -> list[str]:
     return done
 
 
-def move_aside(root: str, after_step: int) -> list[str]:
-    """Move the complete checkpoints of ``root`` newer than ``after_step`` into
+def _is_checkpoint_dir(path: str) -> bool:
+    """A complete checkpoint directory itself (a link to one is not: replacing it would follow
+    the link)."""
+    return os.path.isdir(path) and not os.path.islink(path) and is_complete(path)
+
+
+def set_aside(path: str) -> str:
+    """Rename ``path`` (anything megaclip will not delete) to ``<path>.aside-<time>[-n]`` beside
+    it; returns the new name."""
+    stem = f"{path}.aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = stem, 1
+    while os.path.lexists(aside):
+        aside, n = f"{stem}-{n}", n + 1
+    os.rename(path, aside)
+    return aside
+
+
+def newer_evals(eval_dir: Optional[str], after_step: int) -> list[str]:
+    """The ``eval_stepN.json`` files of ``eval_dir`` with N > ``after_step``, oldest first."""
+    if not eval_dir or not os.path.isdir(eval_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(eval_dir)
+             for m in [_EVAL.match(name)] if m and int(m.group(1)) > after_step]
+    return [name for _, name in sorted(found)]
+
+
+def move_aside(root: str, after_step: int, eval_dir: Optional[str] = None) -> list[str]:
+    """Move the complete checkpoints of ``root`` newer than ``after_step``, and the
+    ``eval_stepN.json`` results of ``eval_dir`` (the run's output dir) newer than it, into
     ``root/aside-<time>[-n]/`` (a resume from an older one must neither overwrite nor delete
-    them); returns where they went. An intent file names ``after_step`` while they move, so a
-    move cut short is finished at the next start (``clean_interrupted``) before anything picks
-    one of them to resume from."""
+    them, nor mix their results with its own); returns where they went. An intent file names
+    ``after_step`` while they move, so a move cut short is finished at the next start
+    (``clean_interrupted``) before anything picks one of them to resume from."""
     newer = [tag for step, tag in complete_checkpoints(root) if step > after_step]
-    if not newer:
+    evals = newer_evals(eval_dir, after_step)
+    if not newer and not evals:
         return []
     intent = os.path.join(root, _MOVE_INTENT)
-    with open(intent + ".partial", "w") as f:
-        json.dump({"after_step": after_step}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(intent + ".partial", intent)
-    fsync_dir(root)
+    write_json(intent, {"after_step": after_step,
+                        "eval_dir": os.path.abspath(eval_dir) if eval_dir else None})
     stem = os.path.join(root, time.strftime("aside-%Y%m%d-%H%M%S"))
     aside, n = stem, 1
     while os.path.exists(aside):
@@ -145,10 +186,15 @@ def move_aside(root: str, after_step: int) -> list[str]:
     os.makedirs(aside)
     for tag in newer:
         os.rename(os.path.join(root, tag), os.path.join(aside, tag))
+    for name in evals:  # a copy, then the removal, where the output dir is another file system
+        shutil.move(os.path.join(eval_dir, name), os.path.join(aside, name))
+    if evals:
+        fsync_dir(aside)
+        fsync_dir(eval_dir)
     fsync_dir(root)
     os.remove(intent)
     fsync_dir(root)
-    return [os.path.join(aside, tag) for tag in newer]
+    return [os.path.join(aside, name) for name in newer + evals]
 
 
 def lock_output(root: str):
@@ -161,7 +207,18 @@ def lock_output(root: str):
     import socket
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, _LOCK)
-    f = open(path, "a+")
+    try:  # never through a link: the truncation below would hit whatever it points to
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; the lock of a checkpoint folder is a "
+                            f"plain file megaclip creates: remove the link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a plain file; the lock of a checkpoint folder is one "
+                        f"megaclip creates: remove it")
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -207,25 +264,39 @@ def _refuse_fresh_start(root: str) -> None:
                         f"give this one another train.output_dir")
 
 
-def write_marker(tmp: str, content: dict) -> None:
-    """The ``COMPLETE`` marker of ``tmp``, whole or absent: written aside, fsynced, renamed."""
-    partial = os.path.join(tmp, MARKER + ".partial")
+def write_json(path: str, content: dict, indent: Optional[int] = None) -> None:
+    """``content`` as JSON at ``path``, whole or absent: written aside, fsynced, renamed (a
+    reader never sees half a file, a crash never leaves one)."""
+    partial = path + ".partial"
     with open(partial, "w") as f:
-        json.dump(content, f)
+        json.dump(content, f, indent=indent)
         f.flush()
         os.fsync(f.fileno())
-    os.rename(partial, os.path.join(tmp, MARKER))
-    fsync_dir(tmp)
+    os.rename(partial, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def publish(root: str, tag: str, keep: int, protect: tuple = ()) -> None:
+def write_marker(tmp: str, content: dict) -> None:
+    """The ``COMPLETE`` marker of ``tmp``, whole or absent."""
+    write_json(os.path.join(tmp, MARKER), content)
+
+
+def publish(root: str, tag: str, keep: int, protect: tuple = ()) -> list[str]:
     """Rename the marked ``<tag>.tmp`` to ``<tag>`` (a save of a step already saved moves the old
     copy out of the way first, so one of the two is always there), then keep the ``keep`` newest
-    complete checkpoints and those in ``protect`` (each old one renamed before it is removed)."""
+    complete checkpoints and those in ``protect`` (each old one renamed before it is removed).
+    Whatever else sits at ``<tag>`` (a folder without a marker, a file, a link) is not megaclip's
+    to delete: it is moved aside (``set_aside``), logged, and named in the notes returned."""
     tmp, final = os.path.join(root, tag + TMP_SUFFIX), os.path.join(root, tag)
     replaced = final + _REPLACED
-    if os.path.isdir(final):
+    notes = []
+    if _is_checkpoint_dir(final):
         os.rename(final, replaced)
+    elif os.path.lexists(final):
+        aside = set_aside(final)
+        notes.append(f"moved {final} aside to {aside}: no {MARKER} marker, not a checkpoint "
+                     f"megaclip wrote, and a save of the same step needs its name")
+        log.warning(notes[-1])
     os.rename(tmp, final)
     fsync_dir(root)
     if os.path.isdir(replaced):
@@ -237,3 +308,4 @@ def publish(root: str, tag: str, keep: int, protect: tuple = ()) -> None:
             os.rename(os.path.join(root, name), gone)
             shutil.rmtree(gone, ignore_errors=True)
     fsync_dir(root)
+    return notes

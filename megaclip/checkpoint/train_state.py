@@ -4,9 +4,14 @@ Per rank: ``client/rankR.pt`` (step, samples seen, RNG, the data stream's positi
 non-finite step guard, the objective's buffers such as the distillation centres) and, with an
 EMA teacher, ``teacher/rankR.pt`` (its fp32 shards, ``teacher/state.py``). Every key written is
 read back on resume. Files are read with ``weights_only=True``: plain containers and tensors.
+Rank 0 adds ``tokenizer.json`` (the path and sha256 of the tokenizer the run trained with), so
+that a resume or an export with another tokenizer file is refused instead of silently mixing
+token ids (``check_tokenizer``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from typing import Optional
@@ -17,9 +22,48 @@ from torch import nn
 from megaclip.checkpoint import io
 from megaclip.checkpoint.io import saved_world_size
 from megaclip.distributed import rank, world
+from megaclip.errors import UserError
 from megaclip.teacher.state import load_teacher, save_teacher
 
 CLIENT_DIR = "client"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_record(path: str) -> dict:
+    """What a checkpoint records of the tokenizer file at ``path``."""
+    return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+
+
+def check_tokenizer(tag_dir: str, path: str,
+                    advice: str = "point data.tokenizer at the one it was trained with"
+                    ) -> list[str]:
+    """Refuse to use checkpoint ``tag_dir`` with the tokenizer file at ``path`` when its bytes
+    differ from those the checkpoint was trained with (the same ids would mean other pieces);
+    ``advice`` ends the message. Returns a warning for a checkpoint written before they
+    recorded it (nothing to check)."""
+    record_file = os.path.join(tag_dir, TOKENIZER_FILE)
+    if not os.path.isfile(record_file):
+        return [f"warning: {tag_dir} records no tokenizer (written before checkpoints did): "
+                f"nothing checks that {path} is the one it was trained with"]
+    with open(record_file) as f:
+        saved = json.load(f)
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer {path} does not exist; {tag_dir} was trained with "
+                        f"{saved['path']} (sha256 {saved['sha256']})")
+    now = file_sha256(path)
+    if now != saved["sha256"]:
+        raise UserError(f"{tag_dir} was trained with tokenizer {saved['path']} (sha256 "
+                        f"{saved['sha256']}), but {path} has sha256 {now}: another tokenizer "
+                        f"(retrained or replaced?); {advice}")
+    return []
 
 
 def rng_state() -> dict:
@@ -41,11 +85,14 @@ class TrainState:
     must carry: ``guard`` (``state_dict``/``load_state_dict``), ``objective`` (an ``nn.Module``)
     and ``teacher`` (an ``EmaTeacher`` or None). The data stream is built after the restore, from
     ``stream`` (its saved position, None for a fresh start); at save time its current state is
-    given to ``save``."""
+    given to ``save``. ``tokenizer``: its ``tokenizer_record``, written into every checkpoint
+    (None: none recorded)."""
 
-    def __init__(self, guard, objective: nn.Module, teacher=None):
+    def __init__(self, guard, objective: nn.Module, teacher=None,
+                 tokenizer: Optional[dict] = None):
         self.step, self.samples_seen = 0, 0
         self.guard, self.objective, self.teacher = guard, objective, teacher
+        self.tokenizer = tokenizer
         self.stream: Optional[dict] = None
 
     def client_state(self, stream_state: dict) -> dict:
@@ -64,6 +111,9 @@ class TrainState:
             torch.save(client, os.path.join(tmp, CLIENT_DIR, f"rank{rank():05d}.pt"))
             if self.teacher is not None:
                 save_teacher(tmp, self.teacher)
+            if self.tokenizer is not None and rank() == 0:  # fsynced with rank 0's files
+                with open(os.path.join(tmp, TOKENIZER_FILE), "w") as f:
+                    json.dump(self.tokenizer, f)
 
         return io.save(engine, root, self.step, write_own, keep, cfg, optimizer_kind,
                        protect=self.guard.protected)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import string
+from typing import Optional
 
 import torch
 
@@ -11,6 +13,39 @@ from megaclip.data.decode import BadSample, decode_caption, decode_image
 from megaclip.data.shards import iter_shard, shard_list
 from megaclip.data.views import eval_transform
 from megaclip.errors import UserError
+
+
+def template_problem(template, placeholder: bool = True) -> Optional[str]:
+    """Why ``template`` cannot be a prompt template (None if it can): the class name goes in by
+    ``template.format(name)``, so the only fields allowed are ``{}`` (once) or ``{0}``, without
+    attribute or index access, conversion or format spec, and other braces are doubled;
+    ``placeholder``: it must name the class (background prompts need not)."""
+    if not isinstance(template, str):
+        return "not a string"
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template)
+                  if f is not None]
+    except ValueError as e:
+        return f"{e} (write a literal brace as {{{{ or }}}})"
+    other = [f for f, conv, spec in fields if f not in ("", "0") or conv or spec]
+    if other:
+        return (f"field {{{other[0]}}} is not the class name's {{}} or {{0}} (a literal brace "
+                f"is written {{{{ or }}}})" if other[0] not in ("", "0")
+                else "the class name's field takes no conversion or format spec")
+    auto, manual = sum(f == "" for f, _, _ in fields), sum(f == "0" for f, _, _ in fields)
+    if auto > 1 or (auto and manual):
+        return "the class name goes in once as {}, or as {0} wherever it is repeated"
+    if placeholder and not fields:
+        return "no {} where the class name goes"
+    return None
+
+
+def check_templates(templates: list, where: str, placeholder: bool = True) -> None:
+    """Every template of ``where`` usable (``template_problem``), else an error naming it."""
+    for t in templates:
+        problem = template_problem(t, placeholder)
+        if problem:
+            raise UserError(f"{where}: template {t!r}: {problem}")
 
 
 class EvalSet:
@@ -31,6 +66,9 @@ class EvalSet:
             raise UserError(f"{classes_file} needs non-empty 'classnames' and 'templates'")
         self.classnames: list[str] = list(meta["classnames"])
         self.templates: list[str] = list(meta["templates"])
+        check_templates(self.templates, f"{classes_file} 'templates'")
+        check_templates(meta.get("background", []), f"{classes_file} 'background'",
+                        placeholder=False)
         needed = frozenset((*image_keys, caption_key, "cls", "mask.npy"))
         self.samples = [s for url in shard_list(shards)
                         for s in iter_shard(url, needed, max_member_bytes)]

@@ -24,7 +24,7 @@ import torch
 from megaclip import cluster
 from megaclip.checkpoint import folder as checkpoint_folder
 from megaclip.checkpoint.io import check_optimizer, choose_resume
-from megaclip.checkpoint.train_state import TrainState
+from megaclip.checkpoint.train_state import TrainState, check_tokenizer, tokenizer_record
 from megaclip.config import Config, save_resolved
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import masking_for
@@ -123,19 +123,25 @@ def build_training(cfg: Config, ds_config: dict, world_size: int, device: torch.
     return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher)
 
 
-def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Optional[str]
-           ) -> tuple[Optional[str], list[str]]:
+def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Optional[str],
+           eval_dir: Optional[str] = None) -> tuple[Optional[str], list[str]]:
     """Lock and tidy the checkpoint folder (what interrupted writes left is finished or removed,
-    never resumed from as is), choose the checkpoint (rank 0; every rank checks it) and restore
-    it into ``state``. Returns (the checkpoint resumed from or None, notes for the log)."""
+    never resumed from as is), choose the checkpoint (rank 0; every rank checks it), check it
+    was trained with this run's tokenizer file and restore it into ``state``. Returns (the
+    checkpoint resumed from or None, notes for the log). ``eval_dir``: where the run writes its
+    ``eval_stepN.json`` (those newer than the checkpoint are moved aside with its newer
+    checkpoints)."""
     notes = list(on_rank0(checkpoint_folder.prepare_output, ckpt_root, resume_arg))
     resume_dir = choose_resume(ckpt_root, resume_arg)
     if resume_dir is not None:
         check_optimizer(resume_dir, training.optimizer_kind)
+        if state.tokenizer is not None:
+            notes += on_rank0(check_tokenizer, resume_dir, state.tokenizer["path"])
         state.restore(training.engine, resume_dir, ckpt_root)
-        # Newer checkpoints of this run: kept, out of the way.
+        # Newer checkpoints and results of this run: kept, out of the way.
         notes += [f"moved {p} aside: resuming from the older {resume_dir}"
-                  for p in on_rank0(checkpoint_folder.move_aside, ckpt_root, state.step)]
+                  for p in on_rank0(checkpoint_folder.move_aside, ckpt_root, state.step,
+                                    eval_dir)]
     return resume_dir, notes
 
 
@@ -191,10 +197,10 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
         raise AssertionError("tokenizer built with another context length")
     training = build_training(cfg, ds_config, process.world_size, process.device, ds_source)
     state = TrainState(StepGuard(cfg.train.max_skipped_steps_in_a_row), training.objective,
-                       training.teacher)
+                       training.teacher, on_rank0(tokenizer_record, cfg.data.tokenizer))
     out_dir = cfg.train.output_dir
     ckpt_root = os.path.abspath(os.path.join(out_dir, "checkpoints"))
-    resume_dir, notes = resume(state, training, ckpt_root, resume_arg)
+    resume_dir, notes = resume(state, training, ckpt_root, resume_arg, os.path.abspath(out_dir))
     loader = build_loader(cfg, tokenizer, process, state, urls)
     d = cfg.data
     eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size, d.mean,

@@ -62,7 +62,14 @@ class MetricLogger:
             self.writer = SummaryWriter(log_dir)
         if enabled and jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            cut = False
+            if os.path.isfile(jsonl_path) and os.path.getsize(jsonl_path):
+                with open(jsonl_path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    cut = f.read(1) != b"\n"
             self.jsonl = open(jsonl_path, "a")
+            if cut:  # a line cut by a crash stays alone (readers skip it), not glued to the next
+                self.jsonl.write("\n")
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if self.writer is not None:

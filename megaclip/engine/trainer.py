@@ -2,14 +2,13 @@
 each (skip decision, teacher update, logging, stop signals, evaluation, checkpoint)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
 from megaclip import cluster
-from megaclip.checkpoint.folder import latest_checkpoint
+from megaclip.checkpoint.folder import latest_checkpoint, write_json
 from megaclip.data.shard_order import FIRST_BAD_NAMED
 from megaclip.data.stream import SKIP_KINDS, bad_shards_over_limit
 from megaclip.distributed import all_reduce_sum
@@ -298,8 +297,9 @@ class Trainer:
         if run.process.rank == 0:
             self.log.text("eval step %d: %s" % (step, ", ".join(
                 f"{k} {v:.4f}" for k, v in results.items())))
-            with open(os.path.join(cfg.train.output_dir, f"eval_step{step:08d}.json"), "w") as f:
-                json.dump({"step": step, **results}, f, indent=1)
+            # Whole or absent: a reader (tools/compare_runs.py) never takes half a result.
+            write_json(os.path.join(cfg.train.output_dir, f"eval_step{step:08d}.json"),
+                       {"step": step, **results}, indent=1)
         return results
 
     def save(self) -> str:

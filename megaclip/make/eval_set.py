@@ -16,6 +16,7 @@ import numpy as np
 
 from megaclip.config import DataConfig
 from megaclip.data.decode import BadSample, load_image, open_bytes
+from megaclip.data.eval_set import check_templates
 from megaclip.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -99,9 +100,9 @@ def read_templates(path: Optional[str]) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"templates file '{path}' does not exist")
     templates = [line.strip() for line in open(path) if line.strip()]
-    bad = [t for t in templates if t.count("{}") != 1]
-    if not templates or bad:
-        raise UserError(f"{path}: every template needs exactly one '{{}}' ({bad[:3]})")
+    if not templates:
+        raise UserError(f"{path}: no templates (one per line, with {{}} for the class name)")
+    check_templates(templates, path)
     return templates
 
 

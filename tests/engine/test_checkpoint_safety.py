@@ -1,9 +1,12 @@
 """Checkpoints cannot be lost by mistake: `--resume PATH` only reads PATH; resuming from an older
 checkpoint of the same run moves the newer ones aside; leftovers of interrupted writes are
-removed at start; SIGTERM during a step writes a checkpoint and exits. One real ZeRO-3 rank
-(`python megaclip/train.py`), the same code path as every rank of a larger run."""
+removed at start; SIGTERM during a step writes a checkpoint and exits; a resume or an export
+with another tokenizer file is refused. One real ZeRO-3 rank (`python megaclip/train.py`), the
+same code path as every rank of a larger run."""
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import time
 import pytest
 
 from megaclip.checkpoint.folder import MARKER, complete_checkpoints
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_tool
 
 
 def _command(synthetic, out, *extra):
@@ -112,3 +115,78 @@ def test_sigterm_during_a_step_writes_a_checkpoint_and_exits(tmp_path, synthetic
     tag_dir = out / "checkpoints" / f"step{step:08d}"
     assert (tag_dir / MARKER).is_file()
     assert not any(line.startswith(f"step {step + 1}/") for line in lines)
+
+
+@pytest.mark.slow
+def test_a_resume_or_an_export_with_another_tokenizer_file_is_refused(tmp_path, synthetic):
+    """Each checkpoint records the sha256 of the tokenizer it was trained with: a resume or an
+    export that reads other bytes (a tokenizer retrained over the same path) is an error naming
+    both; an older checkpoint without the record still resumes, with a warning, and results
+    newer than the checkpoint resumed from go aside with its newer checkpoints; an export over
+    a used --out needs --force and replaces it whole."""
+    tok = tmp_path / "tok"
+    for ext in (".model", ".vocab"):
+        shutil.copyfile(synthetic / f"spm{ext}", f"{tok}{ext}")
+    sha = hashlib.sha256((tmp_path / "tok.model").read_bytes()).hexdigest()
+    (tmp_path / "other.txt").write_text("".join(
+        f"{w} number {i} beside the {v}\n" for i in range(40)
+        for w, v in (("a quiet harbour", "lighthouse"), ("seven tall pines", "frozen lake"))))
+    run_tool("train_tokenizer.py", "--text", str(tmp_path / "other.txt"), "--out",
+             str(tmp_path / "other"), "--vocab-size", "128")
+    other_sha = hashlib.sha256((tmp_path / "other.model").read_bytes()).hexdigest()
+    a = tmp_path / "a"
+    ckpts = a / "checkpoints"
+    _train(synthetic, a, "train.steps=2", "train.ckpt_every=2", f"data.tokenizer={tok}.model")
+    record = json.loads((ckpts / "step00000002" / "tokenizer.json").read_text())
+    assert record == {"path": f"{tok}.model", "sha256": sha}
+
+    # Resume with another tokenizer file: refused before anything is loaded, naming both.
+    proc = subprocess.run(_command(synthetic, a, "train.steps=4",
+                                   f"data.tokenizer={tmp_path / 'other.model'}", "--resume",
+                                   "auto"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for named in (f"{tok}.model", sha, str(tmp_path / "other.model"), other_sha):
+        assert named in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # A checkpoint written before they recorded it resumes, with a warning; a result newer
+    # than it (left by a run that went on) is moved aside, named in the log.
+    os.remove(ckpts / "step00000002" / "tokenizer.json")
+    (a / "eval_step00000004.json").write_text(json.dumps({"step": 4, "zeroshot_top1": 0.9}))
+    log = _train(synthetic, a, "train.steps=3", "train.ckpt_every=2",
+                 f"data.tokenizer={tok}.model", "--resume", "auto")
+    assert "step00000002 records no tokenizer" in log
+    aside = [d for d in os.listdir(ckpts) if d.startswith("aside-")]
+    assert len(aside) == 1 and f"moved {ckpts / aside[0] / 'eval_step00000004.json'} aside" in log
+    assert not (a / "eval_step00000004.json").exists()
+    assert (ckpts / "step00000003" / "tokenizer.json").is_file()
+
+    # The tokenizer retrained over the run's path (--force): an export copying it is refused.
+    run_tool("train_tokenizer.py", "--text", str(tmp_path / "other.txt"), "--out", str(tok),
+             "--vocab-size", "128", "--force")
+    exported = tmp_path / "exported"
+    proc = run_tool("convert_checkpoint.py", str(a), "--out", str(exported), "--formats",
+                    "open_clip", check=False)
+    assert proc.returncode == 2 and sha in proc.stderr and f"{tok}.model" in proc.stderr
+    assert not exported.exists()
+    for ext in (".model", ".vocab"):  # the tokenizer it was trained with, back in place
+        shutil.copyfile(synthetic / f"spm{ext}", f"{tok}{ext}")
+    run_tool("convert_checkpoint.py", str(a), "--out", str(exported), "--formats", "open_clip")
+    assert (exported / "spm.model").read_bytes() == (tmp_path / "tok.model").read_bytes()
+    # An older checkpoint without the record exports with a warning.
+    proc = run_tool("convert_checkpoint.py", str(ckpts / "step00000002"), "--out",
+                    str(tmp_path / "old"), "--formats", "open_clip")
+    assert "records no tokenizer" in proc.stderr
+
+    # A used --out: refused, untouched; with --force replaced whole.
+    (exported / "notes.txt").write_text("kept unless --force")
+    before = _digest(exported)
+    proc = run_tool("convert_checkpoint.py", str(a), "--out", str(exported), "--formats",
+                    "safetensors", check=False)
+    assert proc.returncode == 2 and f"--out {exported}: the folder is not empty" in proc.stderr
+    assert _digest(exported) == before
+    run_tool("convert_checkpoint.py", str(a), "--out", str(exported), "--formats", "safetensors",
+             "--force")
+    assert sorted(os.listdir(exported)) == ["config.yaml", "model.safetensors"]
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n or ".replaced-" in n]
