@@ -103,26 +103,38 @@ def check_files(tag_dir: str) -> None:
     collective. Every rank calls it."""
     import torch.distributed as dist
 
-    from megaclip.distributed import world
+    from megaclip.distributed import barrier, rank_device, world
     me, ws = world()
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(tag_dir) for n in names
                    if n.endswith(".pt"))
-    found = None
+    mine = next((i for i in range(me, len(files), ws) if _refused(files[i])), len(files))
+    first = torch.tensor([mine], dtype=torch.int64, device=rank_device())
+    if ws > 1:  # the first refused file of any rank: its name is enough to say why
+        work = dist.all_reduce(first, op=dist.ReduceOp.MIN, async_op=True)
+        work.wait()
+        barrier()
+        _EXCHANGED[:] = [first, work]
+    index = int(first.item())
+    if index < len(files):
+        raise UserError(_refused(files[index]) or f"checkpoint file {files[index]} cannot be "
+                        f"read on another rank")
+
+
+# The exchange's tensor and work, held past a barrier and to the end: released by a gloo worker
+# thread while the process exits on the error just raised, a tensor Python made takes the
+# interpreter down with it ("terminate called without an active exception", SIGABRT instead of
+# exit code 2).
+_EXCHANGED: list = []
+
+
+def _refused(path: str):
+    """Why ``path`` cannot be loaded weights-only, or None."""
     with weights_only_loads():
-        for path in files[me::ws]:
-            try:
-                torch.load(path, map_location="cpu", mmap=True)
-            except UserError as e:
-                found = str(e)
-            except Exception as e:  # noqa: BLE001 - cut short, unreadable: every rank must hear
-                found = f"checkpoint file {path} cannot be read ({type(e).__name__}: " \
-                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
-            if found:
-                break
-    views = [found]
-    if ws > 1:
-        views = [None] * ws
-        dist.all_gather_object(views, found)
-    refused = [v for v in views if v]
-    if refused:
-        raise UserError(refused[0])
+        try:
+            torch.load(path, map_location="cpu", mmap=True)
+        except UserError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - cut short, unreadable: every rank must hear
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            return f"checkpoint file {path} cannot be read ({type(e).__name__}: {first})"
+    return None
