@@ -19,10 +19,14 @@ if __package__ in (None, ""):  # run as a script: the package beside it, not an 
 from megaclip.errors import run_cli  # noqa: E402
 
 EXAMPLE = """example:
-  python tools/eval.py --checkpoint runs/demo/checkpoints/step00000400
   python tools/eval.py --checkpoint CKPT --shards 'eval/shard-{000000..000003}.tar' \\
       --classes eval/classes.json --json results.json
   python tools/eval.py --checkpoint CKPT --eval-set eval/pets --encoder teacher
+  python tools/eval.py --checkpoint runs/demo/checkpoints/step00000400 --use-run-eval-set
+
+The evaluation set is given on the command line. --use-run-eval-set takes the eval.shards and
+eval.classes the checkpoint's config.yaml names, as local files only: a pipe: command or a URL
+there is refused, since a checkpoint from elsewhere must not choose what runs.
 """
 
 
@@ -46,6 +50,27 @@ def eval_set_splits(folder: str) -> dict[str, str]:
     return found
 
 
+def run_eval_set(checkpoint: str, cfg) -> tuple[str, str]:
+    """(shards, classes) of the checkpoint's config, refused unless local files: a pipe: command
+    or URL written in a checkpoint is never started."""
+    from megaclip.data.shards import non_local
+    from megaclip.errors import UserError
+    where = f"the eval.shards of {checkpoint}/config.yaml"
+    if not cfg.eval.shards or not cfg.eval.classes:
+        raise UserError(f"{checkpoint}/config.yaml names no evaluation set (eval.shards, "
+                        f"eval.classes); give --shards and --classes, or --eval-set")
+    remote = non_local(cfg.eval.shards)
+    if remote:
+        shown = f" ({remote[0]})" if remote[0] != cfg.eval.shards else ""
+        raise UserError(f"{where}, '{cfg.eval.shards}', names a command or URL{shown}: refusing "
+                        f"to start what a checkpoint names; give the shards with --shards and "
+                        f"--classes")
+    if non_local(cfg.eval.classes):
+        raise UserError(f"the eval.classes of {checkpoint}/config.yaml, '{cfg.eval.classes}', is "
+                        f"not a local file; give --shards and --classes")
+    return cfg.eval.shards, cfg.eval.classes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,8 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-set", help="a folder from tools/make_eval_set.py: zero-shot and "
                                       "retrieval on its test split; with train and val splits, "
                                       "the probes fit on train, choose on val, score on test")
-    p.add_argument("--shards", help="eval shards (default: the eval.shards the run used)")
-    p.add_argument("--classes", help="classes JSON (default: the eval.classes the run used)")
+    p.add_argument("--shards", help="eval shards (a brace pattern; with --classes)")
+    p.add_argument("--classes", help="classes JSON of --shards")
+    p.add_argument("--use-run-eval-set", action="store_true",
+                   help="the eval.shards and eval.classes of the checkpoint's config.yaml "
+                        "(local files only: a pipe: command or URL there is refused)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--encoder", choices=("student", "teacher"), default="student",
                    help="image encoder of the probes (default: student)")
@@ -62,21 +90,39 @@ def main(argv=None) -> int:
                    help="zero-shot classification and retrieval only")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    from megaclip.errors import UserError
     if args.batch_size <= 0:
-        from megaclip.errors import UserError
         raise UserError("--batch-size must be positive")
+    given = [name for name, on in (("--eval-set", args.eval_set),
+                                   ("--shards/--classes", args.shards or args.classes),
+                                   ("--use-run-eval-set", args.use_run_eval_set)) if on]
+    if len(given) != 1:
+        raise UserError("give one evaluation set: --shards with --classes, --eval-set, or "
+                        "--use-run-eval-set (the run's own local files)"
+                        + (f"; got {' and '.join(given)}" if given else ""))
+    if bool(args.shards) != bool(args.classes):
+        raise UserError("--shards and --classes go together")
 
-    from megaclip.checkpoint.inference import load_for_inference
+    from megaclip.checkpoint.inference import checkpoint_config, load_for_inference
+    from megaclip.checkpoint.train_state import check_tokenizer
     from megaclip.data.eval_set import EvalSet
     from megaclip.data.tokenizer import Tokenizer
     from megaclip.eval.zeroshot import evaluate
 
+    if args.use_run_eval_set:  # checked before the weights are read
+        args.shards, args.classes = run_eval_set(args.checkpoint,
+                                                 checkpoint_config(args.checkpoint))
     model, cfg = load_for_inference(args.checkpoint)
+    for warning in check_tokenizer(args.checkpoint, cfg.data.tokenizer,
+                                   advice=f"put the one it was trained with back at "
+                                          f"{cfg.data.tokenizer} to evaluate it"):
+        print(warning, file=sys.stderr)
     tokenizer = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
 
     def eval_set(shards, classes):
         return EvalSet(shards, classes, cfg.model.vision.image_size, cfg.data.mean, cfg.data.std,
-                       cfg.data.image_keys, cfg.data.caption_key)
+                       cfg.data.image_keys, cfg.data.caption_key, cfg.data.max_image_pixels,
+                       cfg.data.image_formats, cfg.data.max_member_bytes)
     parts = None
     if args.eval_set:
         splits = eval_set_splits(args.eval_set)
@@ -85,7 +131,7 @@ def main(argv=None) -> int:
         if "train" in splits and "val" in splits:
             parts = (eval_set(splits["train"], classes), eval_set(splits["val"], classes))
     else:
-        data = eval_set(args.shards or cfg.eval.shards, args.classes or cfg.eval.classes)
+        data = eval_set(args.shards, args.classes)
     results = evaluate(model, data, tokenizer, args.batch_size, torch.device("cpu"), torch.float32)
     if not args.no_probes:
         from megaclip.eval.probes import run_probes

@@ -5,7 +5,7 @@ own files of the rank, each rank fsyncing its own), then, once every rank is don
 writes the ``COMPLETE`` marker and renames the directory to ``<tag>``: a directory named like a
 checkpoint is always whole. What megaclip's own files hold is ``train_state.py``; the folder's
 naming, locking and housekeeping are ``folder.py``; a checkpoint given to ``--resume`` is only
-read.
+read, and every file of it weights-only (``safe_load.py``): one from elsewhere runs no code.
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import torch.distributed as dist
 from megaclip.checkpoint.folder import (MARKER, TMP_SUFFIX, fsync_dir, is_complete,
                                         latest_checkpoint, marker, publish, tag_for,
                                         write_marker)
+from megaclip.checkpoint.safe_load import check_files, weights_only_env, weights_only_loads
 from megaclip.config import save_resolved
 from megaclip.distributed import barrier, on_rank0, rank, world
 from megaclip.errors import FatalError, UserError
 
 CONFIG_FILE = "config.yaml"
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d{5})\.pt$")
 
 
@@ -145,12 +147,19 @@ def _convert_universal(tag_dir: str, scratch: str, out: str) -> str:
     os.makedirs(scratch, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+    env = weights_only_env()  # and megaclip importable wherever the run was started from
+    env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT] + [p for p in [env.get("PYTHONPATH")]
+                                                          if p])
+    proc = subprocess.run([sys.executable, "-m", "megaclip.checkpoint.to_universal",
                            "--input_folder", tag_dir, "--output_folder", out,
                            "--num_extract_workers", workers, "--num_merge_workers", workers],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
+        refused = [line[len("error: "):] for line in proc.stderr.splitlines()
+                   if line.startswith("error: ")]
+        if proc.returncode == 2 and refused:
+            raise UserError(refused[-1])
         raise FatalError(f"converting {tag_dir} to a universal checkpoint (to resume at another "
                          f"world size) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return out
@@ -161,6 +170,7 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
     since megaclip keeps its own, ``train_state.py``). A checkpoint written at another world size
     goes through DeepSpeed's universal format, converted under ``scratch`` (the run's own
     checkpoint folder; the source is only read)."""
+    check_files(tag_dir)  # a crafted file is every rank's error, before DeepSpeed reads any
     ws = world()[1]
     saved_ws = saved_world_size(tag_dir)
     source, universal = tag_dir, None
@@ -172,11 +182,12 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
         source = universal = _to_universal(tag_dir, scratch)
         engine._config.load_universal_checkpoint = True
     try:
-        path, ds_client = engine.load_checkpoint(os.path.dirname(source),
-                                                 tag=os.path.basename(source),
-                                                 load_module_strict=True,
-                                                 load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+        with weights_only_loads():
+            path, ds_client = engine.load_checkpoint(os.path.dirname(source),
+                                                     tag=os.path.basename(source),
+                                                     load_module_strict=True,
+                                                     load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
     finally:
         engine._config.load_universal_checkpoint = False
     if universal is not None:
@@ -214,10 +225,12 @@ def consolidate(tag_dir: str, keep=None) -> dict[str, torch.Tensor]:
     tag_dir = os.path.abspath(tag_dir.rstrip("/"))
     if not os.path.isfile(os.path.join(tag_dir, MARKER)):
         raise UserError(f"'{tag_dir}' is not a complete megaclip checkpoint directory")
-    if keep is None:
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
-                                                         tag=os.path.basename(tag_dir))
-        return {k: v.float() for k, v in state.items()}
-    lazy = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
-                                                    tag=os.path.basename(tag_dir), lazy_mode=True)
-    return {k: v.contiguous().float() for k, v in lazy.items() if keep(k)}
+    with weights_only_loads():
+        if keep is None:
+            state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
+                                                             tag=os.path.basename(tag_dir))
+            return {k: v.float() for k, v in state.items()}
+        lazy = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir),
+                                                        tag=os.path.basename(tag_dir),
+                                                        lazy_mode=True)
+        return {k: v.contiguous().float() for k, v in lazy.items() if keep(k)}

@@ -3,7 +3,7 @@
 Per rank: ``client/rankR.pt`` (step, samples seen, RNG, the data stream's position, the
 non-finite step guard, the objective's buffers such as the distillation centres) and, with an
 EMA teacher, ``teacher/rankR.pt`` (its fp32 shards, ``teacher/state.py``). Every key written is
-read back on resume. Files are read with ``weights_only=True``: plain containers and tensors.
+read back on resume. Files are read weights-only (``safe_load.py``): plain containers and tensors.
 Rank 0 adds ``tokenizer.json`` (the path and sha256 of the tokenizer the run trained with), so
 that a resume or an export with another tokenizer file is refused instead of silently mixing
 token ids (``check_tokenizer``).
@@ -21,6 +21,7 @@ from torch import nn
 
 from megaclip.checkpoint import io
 from megaclip.checkpoint.io import saved_world_size
+from megaclip.checkpoint.safe_load import weights_only_loads
 from megaclip.distributed import rank, world
 from megaclip.errors import UserError
 from megaclip.teacher.state import load_teacher, save_teacher
@@ -122,21 +123,22 @@ class TrainState:
         """Load ``tag_dir`` into the engine (``io.load``; a world-size change goes through
         DeepSpeed's universal checkpoint under ``scratch``) and into this state. At another world
         size every rank takes rank 0's client state without its RNG."""
-        ds_client = io.load(engine, tag_dir, scratch)
-        me, ws = rank(), world()[1]
-        same_world = saved_world_size(tag_dir) == ws
-        own = os.path.join(tag_dir, CLIENT_DIR, f"rank{me if same_world else 0:05d}.pt")
-        if os.path.isfile(own):
-            client = torch.load(own, map_location="cpu", weights_only=True)
-            if not same_world:
-                client.pop("rng", None)  # rank 0's generator state is not every rank's
-        else:
-            client = ds_client  # written before megaclip kept its client state apart
+        with weights_only_loads():  # a refused file is an error naming it
+            ds_client = io.load(engine, tag_dir, scratch)
+            me, ws = rank(), world()[1]
+            same_world = saved_world_size(tag_dir) == ws
+            own = os.path.join(tag_dir, CLIENT_DIR, f"rank{me if same_world else 0:05d}.pt")
+            if os.path.isfile(own):
+                client = torch.load(own, map_location="cpu", weights_only=True)
+                if not same_world:
+                    client.pop("rng", None)  # rank 0's generator state is not every rank's
+            else:
+                client = ds_client  # written before megaclip kept its client state apart
+            if self.teacher is not None:
+                load_teacher(tag_dir, self.teacher)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.guard.load_state_dict(client)
         self.objective.load_state_dict(client.get("objective", {}))
-        if self.teacher is not None:
-            load_teacher(tag_dir, self.teacher)
         if "rng" in client:
             set_rng_state(client["rng"])
         self.stream = client["data"]

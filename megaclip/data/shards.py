@@ -55,6 +55,15 @@ def is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
 
 
+def non_local(pattern: str) -> list[str]:
+    """The shards of ``pattern`` (brace-expanded, '::'-joined) that are commands or URLs."""
+    try:
+        return [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)
+                if not is_local(u)]
+    except Exception:  # noqa: BLE001 - unbalanced braces: judged as written
+        return [pattern] if not is_local(pattern) else []
+
+
 def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 

@@ -213,7 +213,7 @@ class Trainer:
         finished = step >= self.cfg.train.steps
         self.log.text(f"pre-empted by {why} after step {step}: checkpoint saved"
                       + ("; training is complete, the final evaluation was skipped (run "
-                         "tools/eval.py on the checkpoint)" if finished else ""))
+                         "tools/eval.py --use-run-eval-set on the checkpoint)" if finished else ""))
         try:
             if (process.rank == 0 and process.from_slurm and not finished and requeue
                     and self.cfg.train.requeue_on_stop):

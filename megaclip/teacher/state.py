@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from megaclip.checkpoint.safe_load import weights_only_loads
 from megaclip.distributed import world
 from megaclip.errors import UserError
 
@@ -45,8 +46,9 @@ def consolidate_teacher(tag_dir: str) -> dict[str, torch.Tensor]:
     files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if not files:
         raise UserError(f"checkpoint {tag_dir} holds no EMA teacher")
-    parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True, mmap=True)
-             for f in files]  # mapped, not read: memory holds the joined teacher only
+    with weights_only_loads():  # mapped, not read: memory holds the joined teacher only
+        parts = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True,
+                            mmap=True) for f in files]
     head = parts[0]
     if not head["partitioned"]:
         return head["ema"]
@@ -64,7 +66,8 @@ def load_teacher(tag_dir: str, teacher) -> None:
     rank, ws = world()
     own = os.path.join(tag_dir, TEACHER_DIR, f"rank{rank:05d}.pt")
     if teacher.partitioned and os.path.isfile(own):
-        saved = torch.load(own, map_location="cpu", weights_only=True)
+        with weights_only_loads():
+            saved = torch.load(own, map_location="cpu", weights_only=True)
         if saved["partitioned"] and saved["world_size"] == ws:
             teacher.load_state_dict(saved["ema"])
             return

@@ -107,7 +107,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     with open(a / "eval_step00000006.json") as f:
         during = json.load(f)
     proc = run_tool("eval.py", "--checkpoint", str(a / "checkpoints" / "step00000006"),
-                    "--json", str(tmp_path / "e.json"))
+                    "--use-run-eval-set", "--json", str(tmp_path / "e.json"))
     with open(tmp_path / "e.json") as f:
         after = json.load(f)
     for k in ("zeroshot_top1", "zeroshot_top5", "i2t_R@5"):
