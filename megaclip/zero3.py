@@ -1,6 +1,6 @@
 """What megaclip does specifically for DeepSpeed ZeRO-3: creating parameters partitioned in a
-pinned dtype, gathering them for initialisation and for the teacher's forward, and the leaf-block
-policy (which transformer blocks are gathered whole, with no hooks inside them).
+pinned dtype, gathering them for initialisation and for the teacher's forward, and the leaf
+blocks (transformer blocks gathered whole, with no hooks inside them).
 
 Everything here is a no-op without a ZeRO-3 config: the same model code runs at any stage.
 """
@@ -54,13 +54,15 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: Optional[int] = None
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def set_leaf_blocks(model: nn.Module, towers: tuple[str, ...]) -> None:
-    """Make each transformer block of ``towers`` (the towers a training forward runs once, from
-    the objective's ``Passes``) one DeepSpeed leaf module, and make a training forward that runs
-    one of them twice fail with a message naming the tower, not with DeepSpeed's bare assertion
-    in the gradient reduction that follows. ``model`` has ``tower_blocks(tower)``."""
+def set_leaf_blocks(model: nn.Module) -> None:
+    """Make each transformer block of the model's towers and decoders (``model.leaf_blocks()``)
+    one DeepSpeed leaf module: its parameters gathered and released together, no hooks on its
+    submodules. A leaf must run once per training forward (DeepSpeed 0.19 reduces a leaf's
+    gradients once per call, so a second call would add them twice); a forward that calls one
+    twice fails with a message naming it, not with DeepSpeed's bare assertion in the gradient
+    reduction that follows."""
     from deepspeed.utils import set_z3_leaf_module
-    leaves = {tower: model.tower_blocks(tower) for tower in towers}
+    leaves = model.leaf_blocks()
     for blocks in leaves.values():
         for blk in blocks:
             set_z3_leaf_module(blk, True)
@@ -70,28 +72,28 @@ def set_leaf_blocks(model: nn.Module, towers: tuple[str, ...]) -> None:
 def _check_leaves_run_once(model: nn.Module, leaves: dict[str, list[nn.Module]]) -> None:
     """(The blocks' recomputation under activation checkpointing happens after the forward and is
     not counted.)"""
-    calls = {tower: 0 for tower in leaves}
+    calls = {group: 0 for group in leaves}
 
     def reset(module, args):
-        for tower in calls:
-            calls[tower] = 0
+        for group in calls:
+            calls[group] = 0
 
-    def count(tower):
+    def count(group):
         def hook(module, args):
-            calls[tower] += 1
+            calls[group] += 1
         return hook
 
     def check(module, args, output):
-        twice = [t for t, n in calls.items() if n > 1]
+        twice = [g for g, n in calls.items() if n > 1]
         if twice and module.training and torch.is_grad_enabled():
             raise RuntimeError(
-                f"the {', '.join(twice)} tower ran more than once in one training forward, but "
-                f"its blocks are ZeRO-3 leaf modules (the objective's Passes in megaclip/"
-                f"objectives/terms.py say it runs once); set model.zero3_leaf_blocks=false or "
-                f"correct the term's passes")
+                f"the blocks of {', '.join(twice)} ran more than once in one training forward, "
+                f"but they are ZeRO-3 leaf modules: give a tower all of its inputs in one call "
+                f"(megaclip/models/blocks.py), or set model.zero3_leaf_blocks=false")
 
-    for tower, blocks in leaves.items():  # a pass of a tower runs its first block
-        blocks[0].register_forward_pre_hook(count(tower))
+    for group, blocks in leaves.items():  # a pass through a group runs its first block
+        if blocks:
+            blocks[0].register_forward_pre_hook(count(group))
     if leaves:
         model.register_forward_pre_hook(reset)
         model.register_forward_hook(check)

@@ -220,8 +220,9 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
 
 
 def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
-    """The log's opening lines: ranks, precision, size, where it resumed from, the optimiser,
-    the ranks by host, the teacher."""
+    """The log's opening lines: ranks, precision, size, where it resumed from, the leaf blocks,
+    the optimiser, the ranks by host, the teacher."""
+    from deepspeed.utils import z3_leaf_module
     p, t, log = run.process, run.training, run.log
     log.text(f"megaclip: {p.world_size} rank(s) on {p.device.type}, ZeRO stage {t.stage}, "
              f"{str(t.dtype).replace('torch.', '')}, global batch {run.global_batch}, "
@@ -232,6 +233,13 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
                 if resume_dir else ""))
     for note in notes:
         log.text(note)
+    if t.stage == 3:
+        model = t.engine.module
+        leaves = {g: sum(z3_leaf_module(b) for b in blocks)
+                  for g, blocks in model.leaf_blocks().items()}
+        log.text("ZeRO-3 leaf blocks: " + ", ".join(f"{g} {n}" for g, n in leaves.items())
+                 if any(leaves.values()) else
+                 "ZeRO-3 per-module hooks (model.zero3_leaf_blocks=false)")
     log.text(f"optimiser: {t.optimizer_name}; "
              + (f"MFU against {run.peak_tflops:g} TFLOP/s per device"
                 if run.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "

@@ -73,7 +73,7 @@ def build_model(cfg: ModelConfig, objective: ObjectiveConfig, seed: int,
     if cfg.compile_blocks:
         model.compile_blocks()
     if zero3_config is not None and cfg.zero3_leaf_blocks:
-        set_leaf_blocks(model, objective.passes.towers_run_once())
+        set_leaf_blocks(model)
     return model
 
 

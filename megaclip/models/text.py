@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from megaclip.models.blocks import MultiBlock, run_blocks
 
 
 class TextTower(nn.Module):
@@ -24,7 +24,7 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList(
-            [Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
+            [MultiBlock(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         # The learnable [MASK] input of masked language modelling (no vocabulary id needed).
@@ -42,16 +42,16 @@ class TextTower(nn.Module):
         if masked_BL is not None:
             x = torch.where(masked_BL[..., None], self.mask_embedding.to(x.dtype), x)
         x = x + self.positional_embedding[: tokens_BL.shape[1]]
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, None, causal, use_reentrant=False)
-            else:
-                x = blk(x, is_causal=causal)
+        x, = run_blocks(self.blocks, (x,), self.grad_checkpointing and self.training,
+                        is_causal=causal)
         return self.ln_final(x)
 
     def forward(self, tokens_BL: torch.Tensor, eot_B: torch.Tensor,
                 masked_BL: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (projected end-of-text feature (B, embed_dim), all tokens (B, L, width))."""
+        """-> (projected end-of-text feature (B, embed_dim), all tokens (B, L, width)).
+
+        ``eot_B`` may cover only the first rows: the feature is read for those (the caption
+        rows when the masked caption rows of MLM ride in the same batch)."""
         x = self.encode_tokens(tokens_BL, masked_BL=masked_BL)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot_B]
+        pooled = x[torch.arange(eot_B.shape[0], device=x.device), eot_B]
         return self.proj(pooled), x

@@ -1,6 +1,7 @@
 """The two-tower model: image tower, text tower, learnable temperature (and SigLIP bias), and
 the student-side modules of the self-distillation objectives when they are configured. Which
-passes a training forward runs is the objective's ``Passes`` (``objectives/passes.py``)."""
+passes a training forward runs is the objective's ``Passes`` (``objectives/passes.py``); each
+tower runs all of its passes in one call, every block once (``models/blocks.py``)."""
 from __future__ import annotations
 
 import math
@@ -55,6 +56,16 @@ class TwoTower(nn.Module):
         """The transformer blocks of ``tower`` (``visual`` or ``text``), in order."""
         return list(self.visual.trunk.blocks if tower == "visual" else self.text.blocks)
 
+    def leaf_blocks(self) -> dict[str, list[nn.Module]]:
+        """The transformer blocks of each tower and decoder, by name: a training forward calls
+        each of them once (a tower takes all its inputs in one call), so each can be one ZeRO-3
+        leaf module."""
+        groups = {"visual": self.tower_blocks("visual"), "text": self.tower_blocks("text")}
+        for name in ("patch_decoder", "text_decoder"):
+            if getattr(self, name) is not None:
+                groups[name] = list(getattr(self, name).blocks)
+        return groups
+
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block of both towers, in place (module names and
         state-dict keys unchanged)."""
@@ -79,36 +90,57 @@ class TwoTower(nn.Module):
         ``global_student_logits`` (G + L, B, K), view-major, global views first."""
         out: dict[str, torch.Tensor] = {}
         if images is not None:
-            masked_pass = None
-            if keep_index is not None:  # the student sees the visible patches only
-                masked_pass = self.visual(images, keep_index)
             B = images.shape[0]
-            if masked_pass is not None and not self.passes.full_views:  # FLIP-style
-                image_feature = masked_pass[0]
-            else:  # every global crop in one pass
-                feature, tokens_ = self.visual(view_major(images, views))
+            masked = keep_index is not None  # the student sees the visible patches only
+            whole = not masked or self.passes.full_views > 0  # else FLIP-style: no whole view
+            local = (self.global_head is not None and local_views is not None
+                     and local_views.shape[1] > 0)
+            passes = ([(view_major(images, views), None)] if whole else []) \
+                + ([(images, keep_index)] if masked else []) \
+                + ([(view_major(None, local_views), None)] if local else [])
+            ran = self.visual(*passes[0], more=passes[1:])  # every pass in one trunk call
+            ran = [ran] if len(passes) == 1 else ran
+            if whole:
+                feature, tokens_ = ran.pop(0)
                 image_feature, pooled = feature[:B], tokens_[:, 0]
                 if feature.shape[0] > B:
                     out["view_image_features"] = F.normalize(
                         feature[B:].unflatten(0, (-1, B)), dim=-1)
+            if masked:
+                masked_pass = ran.pop(0)
+                if not whole:
+                    image_feature = masked_pass[0]
+                if self.patch_decoder is not None:
+                    decoded = self.patch_decoder(masked_pass[1], keep_index, masked_index)
+                    out["student_patch_logits"] = self.distill_head(decoded)
             out["image_features"] = F.normalize(image_feature, dim=-1)
-            if masked_pass is not None and self.patch_decoder is not None:
-                decoded = self.patch_decoder(masked_pass[1], keep_index, masked_index)
-                out["student_patch_logits"] = self.distill_head(decoded)
-            if self.global_head is not None and (views is not None or local_views is not None):
-                if local_views is not None and local_views.shape[1]:
-                    local_pooled = self.visual(view_major(None, local_views))[1][:, 0]
-                    pooled = torch.cat([pooled, local_pooled])
+            if self.global_head is not None and (views is not None or local):
+                if local:
+                    pooled = torch.cat([pooled, ran.pop(0)[1][:, 0]])
                 out["global_student_logits"] = self.global_head(pooled).unflatten(0, (-1, B))
-        if tokens is not None:
-            out["text_features"] = F.normalize(self.text(tokens, eot)[0], dim=-1)
-        if mlm_tokens is not None and self.text_decoder is not None:
-            hidden = self.text(mlm_tokens, eot, mlm_embed)[1]
-            out["mlm_logits"] = self.text_decoder(hidden, eot, mlm_target)
+        mlm = mlm_tokens is not None and self.text_decoder is not None
+        if tokens is not None or mlm:
+            # The caption and the masked caption (same length) in one text pass, caption first.
+            rows = ([tokens] if tokens is not None else []) + ([mlm_tokens] if mlm else [])
+            embed_mask = None
+            if mlm and mlm_embed is not None:
+                embed_mask = _cat(([torch.zeros_like(mlm_embed)] if tokens is not None else [])
+                                  + [mlm_embed])
+            feature, hidden = self.text(_cat(rows), eot if tokens is not None else eot[:0],
+                                        embed_mask)
+            if tokens is not None:
+                out["text_features"] = F.normalize(feature, dim=-1)
+            if mlm:
+                out["mlm_logits"] = self.text_decoder(hidden[-mlm_tokens.shape[0]:], eot,
+                                                      mlm_target)
         out["logit_scale"] = self.logit_scale.clamp(max=self.max_log_scale).exp()[0]
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias[0]
         return out
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def view_major(first: Optional[torch.Tensor], views: Optional[torch.Tensor]) -> torch.Tensor:

@@ -4,15 +4,22 @@ The trunk can run on the visible patches only (MAE-style token dropping): the ma
 pass of MaskCLIP costs about a quarter of a full pass at the default 75% mask ratio. It also
 takes other image sizes than its own (SILC's local crops): timm's dynamic image size
 interpolates the position embeddings, and leaves them untouched at the native size.
+
+Several passes (the whole views, the masked view, the local crops) run through the trunk in one
+call: each is embedded on its own, then every block takes all of their token sequences at once
+(``models/blocks.py``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from megaclip.models.blocks import MultiBlock, run_blocks
+
+Pass = tuple[torch.Tensor, Optional[torch.Tensor]]  # (images (B, 3, H, W), kept patches (B, K))
 
 
 def tokens_at(patches_BNW: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
@@ -22,7 +29,11 @@ def tokens_at(patches_BNW: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor
 
 class MaskableViT(VisionTransformer):
     """timm's ViT whose forward takes the indices of the patches to keep and returns every
-    token after the final norm, class token first: (B, 1 + kept, width)."""
+    token after the final norm, class token first: (B, 1 + kept, width); with ``more`` passes,
+    a list of those, one per pass, every block called once for all of them."""
+
+    def __init__(self, **kwargs):
+        super().__init__(block_fn=MultiBlock, **kwargs)
 
     def embed(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self._pos_embed(self.patch_embed(images_BCHW))  # class token + position embeddings
@@ -30,13 +41,13 @@ class MaskableViT(VisionTransformer):
             x = torch.cat([x[:, :1], tokens_at(x[:, 1:], keep_BK)], dim=1)
         return self.norm_pre(self.patch_drop(x))
 
-    def forward(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.embed(images_BCHW, keep_BK)
-        if self.grad_checkpointing and self.training:
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+    def forward(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None,
+                more: Sequence[Pass] = ()):
+        xs = tuple(self.embed(images, keep) for images, keep in ((images_BCHW, keep_BK), *more))
+        xs = run_blocks(self.blocks, xs, self.grad_checkpointing and self.training)
+        if not more:
+            return self.norm(xs[0])
+        return [self.norm(x) for x in xs]
 
 
 def build_trunk(image_size: int, patch_size: int, width: int, depth: int, heads: int,
@@ -66,8 +77,13 @@ class VisionTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
-    def forward(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (projected class-token feature (B, embed_dim), all tokens (B, 1 + kept, width))."""
-        tokens = self.trunk(images_BCHW, keep_BK)
-        return self.proj(tokens[:, 0]), tokens
+    def forward(self, images_BCHW: torch.Tensor, keep_BK: Optional[torch.Tensor] = None,
+                more: Sequence[Pass] = ()):
+        """-> (projected class-token feature (B, embed_dim), all tokens (B, 1 + kept, width));
+        with ``more`` (further (images, kept patches or None) passes), a list of those pairs,
+        one per pass, the first for ``images_BCHW``, all through the trunk in one call."""
+        tokens = self.trunk(images_BCHW, keep_BK, more)
+        if not more:
+            return self.proj(tokens[:, 0]), tokens
+        features = self.proj(torch.cat([t[:, 0] for t in tokens]))
+        return list(zip(features.split([t.shape[0] for t in tokens]), tokens))

@@ -3,7 +3,7 @@ many times, and which outputs of the EMA teacher its losses read (docs/methods.m
 
 Each term of an objective (``objectives/terms.py``) describes the passes it needs; the
 objective's ``Passes`` is their union. It is the one description that the model's forward
-(``models/towers.py``), the ZeRO-3 leaf-block policy (``zero3.py``), the teacher's forward
+(``models/towers.py``), the teacher's forward
 (``teacher/build.py``) and the FLOPs count (``objectives/flops.py``) all read.
 """
 from __future__ import annotations
@@ -50,16 +50,12 @@ class Passes:
             teacher_outputs=tuple(o for o in TEACHER_OUTPUTS
                                   if o in self.teacher_outputs or o in other.teacher_outputs))
 
-    def tower_calls(self, tower: str) -> int:
-        """How many times one training forward calls ``tower`` (``visual`` or ``text``)."""
+    def tower_passes(self, tower: str) -> int:
+        """How many inputs one training forward runs through ``tower`` (``visual`` or
+        ``text``); the tower takes them all in one call (``models/blocks.py``)."""
         if tower == "visual":
             return int(self.masked_image) + int(self.full_views > 0) + int(self.local_views > 0)
         return int(self.caption) + int(self.masked_caption)
-
-    def towers_run_once(self) -> tuple[str, ...]:
-        """The towers a training forward runs exactly once (ZeRO-3 leaf blocks are safe there:
-        DeepSpeed 0.19 counts a reused leaf's gradients twice)."""
-        return tuple(t for t in ("visual", "text") if self.tower_calls(t) == 1)
 
     @property
     def uses_teacher(self) -> bool:

@@ -2,7 +2,7 @@
 passes it needs and how its loss reads the model's and the teacher's outputs.
 
 Adding an objective term is a loss module (``losses/``), a config section and one ``Term``
-given to ``register_term``: the model's forward, the leaf-block policy, the teacher, the FLOPs
+given to ``register_term``: the model's forward, the teacher, the FLOPs
 count, the loss weighting and the checkpoint (its buffers, under ``objective.<attr>.*``) follow
 from it. The built-in terms are listed below in the order their values are summed.
 """
@@ -169,11 +169,6 @@ def passes_for(cfg: ObjectiveConfig) -> Passes:
                              f"draws more than one view")
         out = out | passes
     return out
-
-
-def towers_run_once(cfg: ObjectiveConfig) -> tuple[str, ...]:
-    """The towers (``visual``, ``text``) that one training forward of ``cfg`` runs once."""
-    return passes_for(cfg).towers_run_once()
 
 
 def registered_sections() -> dict[str, type]:

@@ -58,6 +58,40 @@ def test_leaf_blocks_train_exactly_like_per_module_hooks(tmp_path):
     assert leaves["finite"] and leaves["losses"] == hooks["losses"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_objective_trains_with_leaf_blocks_exactly_like_per_module_hooks(tmp_path, synthetic):
+    """maskclip+silc runs the image tower over three inputs (whole views, masked view, local
+    crops) and the text tower over two (caption, masked caption), each in one call per block:
+    every block of both towers and both decoders is a leaf, through the real trainer at world
+    size 2 with gradient accumulation, and the losses are those of per-module hooks."""
+    from tests.conftest import synthetic_overrides
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    losses = {}
+    for leaf in ("true", "false"):
+        out = tmp_path / leaf
+        proc = subprocess.run(
+            [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+             "megaclip/train.py", "--deepspeed_config", "ds_configs/zero3_cpu.json",
+             "--config", "clip_tiny_synthetic", *synthetic_overrides(synthetic, out),
+             "objective.preset=maskclip+silc", f"model.zero3_leaf_blocks={leaf}",
+             "train.steps=3", "train.log_every=1", "train.micro_batch_size=4",
+             "train.grad_accum_steps=2", "data.workers=0", "data.shuffle_buffer=20",
+             "eval.shards=", "train.ckpt_every=0"],
+            capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        losses[leaf] = [{k: v for k, v in r.items() if k.startswith("train/")
+                         and k.split("/")[1] in ("loss", "clip", "distill", "local_global", "mlm")}
+                        for r in rows if "train/loss" in r]
+        assert ("ZeRO-3 leaf blocks: visual 4, text 3, patch_decoder" in proc.stdout) == (leaf == "true"), proc.stdout[-3000:]
+    assert len(losses["true"]) == 3 and set(losses["true"][0]) >= {
+        "train/distill", "train/local_global", "train/mlm"}
+    for a, b in zip(losses["true"], losses["false"]):
+        for k in a:
+            assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, losses)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("ds_config", ["zero3_bf16.json", "zero2_bf16.json"])
 def test_bf16_configs_train(tmp_path, ds_config):

@@ -8,7 +8,6 @@ from megaclip.objectives.flops import forward_flops_per_sample
 from megaclip.engine.optim import param_groups
 from megaclip.eval.zeroshot import recall_at_k
 from megaclip.models import build_model, resolve_model_config
-from megaclip.objectives.terms import towers_run_once
 
 
 def tiny(**kw):
@@ -71,39 +70,73 @@ def test_recall_at_k():
     assert math.isclose(r[1], 2 / 3, rel_tol=1e-6) and r[2] == 1.0
 
 
-@pytest.mark.parametrize("preset, once", [
-    ("clip", ("visual", "text")),
-    ("maskclip", ()),  # masked + full student passes; caption + masked caption
-    ("maskclip_flip", ("visual",)),  # the contrastive loss reads the masked pass
-    ("silc", ("text",)),  # global crops + local crops
-    ("maskclip+silc", ())])
-def test_towers_run_once_per_objective(preset, once):
-    """The towers marked as ZeRO-3 leaf blocks: exactly those TwoTower.forward runs once."""
-    assert towers_run_once(load_config(None, [f"objective.preset={preset}"]).objective) == once
+@pytest.mark.parametrize("preset, visual, text", [
+    ("clip", 1, 1), ("clip@objective.contrastive=siglip", 1, 1),
+    ("maskclip", 2, 2),  # whole + masked view; caption + masked caption
+    ("maskclip_flip", 1, 2),  # the contrastive loss reads the masked pass
+    ("silc", 2, 1),  # global views + local crops
+    ("maskclip+silc", 3, 2)])
+def test_every_block_runs_once_per_training_forward_whatever_the_passes(preset, visual, text):
+    """Each tower takes all of its inputs in one call: every block of the towers and decoders
+    runs once per training forward (so each can be a ZeRO-3 leaf module), with the gradients of
+    every pass."""
+    from megaclip.data.masks import masking_for
+    preset, *more = preset.split("@")
+    cfg = load_config(None, [f"objective.preset={preset}", "model.preset=tiny", *more])
+    obj = cfg.objective
+    assert (obj.passes.tower_passes("visual"), obj.passes.tower_passes("text")) == (visual, text)
+    mcfg = resolve_model_config(cfg.model, vocab_size=64)
+    model = build_model(mcfg, obj, seed=0).train()
+    calls = {}
+    for group, blocks in model.leaf_blocks().items():
+        for i, blk in enumerate(blocks):
+            blk.register_forward_pre_hook(
+                lambda m, a, key=(group, i): calls.__setitem__(key, calls.get(key, 0) + 1))
+    out = model(**_batch(model, obj, mcfg))
+    assert calls and set(calls.values()) == {1}, calls
+    assert {g for g, _ in calls} == set(model.leaf_blocks())
+    loss = sum(v.float().sum() for k, v in out.items() if v.requires_grad)
+    loss.backward()
+    assert all(p.grad is not None for p in model.visual.trunk.blocks[0].parameters())
 
 
-def test_silc_without_local_crops_runs_the_image_tower_once():
-    cfg = load_config(None, ["objective.preset=silc", "objective.local_global.local_crops=0"])
-    assert towers_run_once(cfg.objective) == ("visual", "text")
+def _batch(model, obj, mcfg, B=2):
+    """A training batch for ``obj`` on the tiny model: views, masks, masked caption."""
+    S, L = mcfg.vision.image_size, mcfg.text.context_length
+    n = (S // mcfg.vision.patch_size) ** 2
+    batch = {"images": torch.randn(B, 3, S, S), "tokens": torch.randint(0, 64, (B, L)),
+             "eot": torch.tensor([5, 9][:B])}
+    if obj.passes.masked_image:
+        keep = n - int(n * obj.mask.ratio)
+        order = torch.stack([torch.randperm(n) for _ in range(B)])
+        batch["keep_index"], batch["masked_index"] = order[:, :keep].sort(1)[0], order[:, keep:].sort(1)[0]
+    if obj.passes.full_views > 1:
+        batch["views"] = torch.randn(B, obj.passes.full_views - 1, 3, S, S)
+    if obj.passes.local_views:
+        s = obj.local_global.local_size
+        batch["local_views"] = torch.randn(B, obj.passes.local_views, 3, s, s)
+    if obj.passes.masked_caption:
+        target = torch.zeros(B, L, dtype=torch.bool)
+        target[:, 1:3] = True
+        batch.update(mlm_tokens=batch["tokens"].clone(), mlm_target=target, mlm_embed=target)
+    return batch
 
 
-def test_siglip_runs_each_tower_once():
-    cfg = load_config(None, ["objective.contrastive=siglip"])
-    assert towers_run_once(cfg.objective) == ("visual", "text")
-
-
-def test_a_leaf_tower_run_twice_in_a_training_forward_is_named():
-    """The guard beside the ZeRO-3 leaf blocks: a second pass of a leaf tower with gradients is a
-    clear error; one pass, or two without gradients (evaluation), are not."""
+def test_a_leaf_block_run_twice_in_a_training_forward_is_named():
+    """The guard beside the ZeRO-3 leaf blocks: a second call of a leaf tower's blocks with
+    gradients is a clear error; one call, or two without gradients (evaluation), are not."""
     from megaclip.zero3 import _check_leaves_run_once
     _, model = tiny()
     model.train()
     _check_leaves_run_once(model, {"visual": model.tower_blocks("visual")})
     images = torch.randn(2, 3, 64, 64)
-    keep = torch.arange(16).expand(2, 16)
     model(images=images)
+    def visual_again(module, args):
+        model.visual(images)  # (returns None: the text tower's inputs stay)
+    again = model.text.register_forward_pre_hook(visual_again)
     with torch.no_grad():
-        model(images=images, keep_index=keep)  # masked and full pass
-    with pytest.raises(RuntimeError, match="visual tower ran more than once"):
-        model(images=images, keep_index=keep)
+        model(images=images, tokens=torch.randint(0, 64, (2, 32)), eot=torch.tensor([3, 4]))
+    with pytest.raises(RuntimeError, match="the blocks of visual ran more than once"):
+        model(images=images, tokens=torch.randint(0, 64, (2, 32)), eot=torch.tensor([3, 4]))
+    again.remove()
     model(images=images)  # counted afresh each forward
