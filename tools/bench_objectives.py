@@ -188,7 +188,8 @@ def describe(r: dict) -> str:
             f"{r['tflops']:7.3f} model TFLOP/s{mfu}  peak {r['peak_mem_gib']:6.2f} GiB{reserved}  "
             f"({r['params_m']:.1f}M params, {r['device']}, batch {r['batch']} x "
             f"{r['world_size']} process(es), ZeRO {r['zero_stage']}, {r['optimizer']})\n"
-            f"{'':>16}collectives per step: {comm['collectives']:.1f} calls, "
+            f"{'':>16}ZeRO-3 module hooks per step: {comm.get('zero3_hooks', 0):.0f}; "
+            f"collectives per step: {comm['collectives']:.1f} calls, "
             f"{comm['bytes'] / 2**20:.2f} MiB ("
             + ", ".join(f"{k} {v['calls']:g}" for k, v in comm["by_name"].items()) + ")"
             + teacher)
@@ -221,7 +222,9 @@ def main(argv=None) -> int:
               f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}x "
               f"({r['peak_mem_gib']:.2f} vs {base['peak_mem_gib']:.2f} GiB), model FLOPs "
               f"{r['flops_per_sample'] / base['flops_per_sample']:.2f}x, collectives "
-              f"{r['comm']['collectives']:.0f} vs {base['comm']['collectives']:.0f} per step")
+              f"{r['comm']['collectives']:.0f} vs {base['comm']['collectives']:.0f} per step, "
+              f"ZeRO-3 hooks {r['comm'].get('zero3_hooks', 0):.0f} vs "
+              f"{base['comm'].get('zero3_hooks', 0):.0f}")
     if args.open_clip:
         oc = results[-1]
         if oc["objective"] == "open_clip":

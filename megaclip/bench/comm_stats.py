@@ -1,4 +1,5 @@
-"""Counting the collectives a process makes and the bytes they move, for the benchmarks.
+"""Counting the collectives a process makes and the bytes they move, and the ZeRO-3 module
+hooks that fire, for the benchmarks.
 
 ``CollectiveStats.install()`` wraps every collective of ``torch.distributed`` (and of
 ``distributed_c10d``, which DeepSpeed's coalesced gathers call directly). Install it before
@@ -48,6 +49,8 @@ class CollectiveStats:
         self.bytes: Counter = Counter()
         self.counting = False
 
+        self.hooks = 0  # ZeRO-3 module hooks fired (forward and backward, before and after)
+
     def install(self) -> "CollectiveStats":
         for module in (dist, c10d):
             for name in NAMES:
@@ -64,11 +67,32 @@ class CollectiveStats:
                 counted = functools.wraps(fn)(counted)
                 counted._megaclip_counted = self
                 setattr(module, name, counted)
+        self._install_hook_counter()
         return self
+
+    def _install_hook_counter(self) -> None:
+        """Every ZeRO-3 module hook ends in one of these four methods of DeepSpeed's parameter
+        coordinator owner (each a gather or release decision and its Python around it)."""
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+        for name in ("pre_sub_module_forward_function", "post_sub_module_forward_function",
+                     "pre_sub_module_backward_function", "post_sub_module_backward_function"):
+            fn = getattr(DeepSpeedZeRoOffload, name)
+            if getattr(fn, "_megaclip_counted", None) is self:
+                continue
+
+            def counted(*args, __fn=fn, **kwargs):
+                if self.counting:
+                    self.hooks += 1
+                return __fn(*args, **kwargs)
+
+            counted = functools.wraps(fn)(counted)
+            counted._megaclip_counted = self
+            setattr(DeepSpeedZeRoOffload, name, counted)
 
     def start(self) -> None:
         self.calls.clear()
         self.bytes.clear()
+        self.hooks = 0
         self.counting = True
 
     def stop(self) -> None:
@@ -76,7 +100,7 @@ class CollectiveStats:
 
     def summary(self, per: int = 1) -> dict:
         """Totals and per-name figures, divided by ``per`` (e.g. the number of steps)."""
-        return {"collectives": sum(self.calls.values()) / per,
+        return {"collectives": sum(self.calls.values()) / per, "zero3_hooks": self.hooks / per,
                 "bytes": sum(self.bytes.values()) / per,
                 "by_name": {k: {"calls": self.calls[k] / per, "bytes": self.bytes[k] / per}
                             for k in sorted(self.calls)}}
