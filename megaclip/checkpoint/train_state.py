@@ -24,7 +24,7 @@ from megaclip.checkpoint.io import saved_world_size
 from megaclip.checkpoint.safe_load import weights_only_loads
 from megaclip.distributed import rank, world
 from megaclip.errors import UserError
-from megaclip.teacher.state import load_teacher, save_teacher
+from megaclip.teacher.state import load_teacher, save_teacher, teacher_state
 
 CLIENT_DIR = "client"
 TOKENIZER_FILE = "tokenizer.json"
@@ -106,12 +106,13 @@ class TrainState:
         """A checkpoint of this step under ``root`` (every rank); returns its path. Retention
         keeps the checkpoint the guard protects."""
         client = self.client_state(stream_state)
+        teacher = teacher_state(self.teacher) if self.teacher is not None else None
 
         def write_own(tmp: str) -> None:
             os.makedirs(os.path.join(tmp, CLIENT_DIR), exist_ok=True)
             torch.save(client, os.path.join(tmp, CLIENT_DIR, f"rank{rank():05d}.pt"))
             if self.teacher is not None:
-                save_teacher(tmp, self.teacher)
+                save_teacher(tmp, self.teacher, teacher)
             if self.tokenizer is not None and rank() == 0:  # fsynced with rank 0's files
                 with open(os.path.join(tmp, TOKENIZER_FILE), "w") as f:
                     json.dump(self.tokenizer, f)

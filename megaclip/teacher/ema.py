@@ -18,10 +18,11 @@ started right after the update (``prefetch``) and waited for at the next forward
 with no gathers at all. A larger teacher gathers one block at a time at every forward, like the
 student.
 
-At ZeRO stages 0-2 parameters are whole on every rank, so the fp32 EMA is whole too. Its source
-is the module parameter itself in fp32 training; in bf16 the fp32 masters of stages 1-2 are
-partitioned in flat buffers that do not line up with parameters, so the fp32 value is gathered
-(``safe_get_full_fp32_param``): the one case where the update communicates.
+At ZeRO stages 1-2 (and stage 0 in bf16) parameters are whole on every rank but DeepSpeed's
+optimiser cuts the fp32 masters over the ranks in flat buffers that do not line up with
+parameters: each rank keeps the EMA of its own fragments, and the whole working copy is
+refreshed by one all-gather per optimiser step (``fragments.py``). In fp32 at stage 0 (no
+DeepSpeed optimiser partitions) the EMA is whole on every rank, read from the parameters.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megaclip.teacher.fragments import FragmentCopy, holds_fragments
 from megaclip.teacher.whole_copy import PREFIXES, WholeCopy
 from megaclip.zero3 import gathered
 
@@ -67,6 +69,11 @@ class EmaTeacher:
         self.fp32_training = dtype == torch.float32
         self.ema: dict[str, torch.Tensor] = {}
         self.whole = None
+        self.fragments = None
+        if holds_fragments([s for _, _, s in self.pairs]):  # ZeRO 1-2: fp32 in fragments
+            self.fragments = FragmentCopy([name for name, _, _ in self.pairs],
+                                          [p.data for _, p, _ in self.pairs],
+                                          [s for _, _, s in self.pairs])
         if whole is not None and self.partitioned:  # the forward runs on the whole copy
             w_trunk, w_heads = whole
             self.whole = WholeCopy(self.pairs, w_trunk, w_heads)
@@ -76,12 +83,19 @@ class EmaTeacher:
 
     # ------------------------------------------------------------------------ EMA state
     def _student_fp32(self, s: nn.Parameter) -> torch.Tensor:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+        from deepspeed.utils import safe_get_local_fp32_param
         if self.partitioned:
             return safe_get_local_fp32_param(s)  # this rank's shard, no communication
-        if self.fp32_training:
-            return s.data
-        return safe_get_full_fp32_param(s)
+        if self.fragments is not None:
+            return s._hp_mapping.get_hp_fragment()  # this rank's fragment, no communication
+        return s.data
+
+    def _own_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """The pairs whose EMA this rank holds (all of them but with fragments)."""
+        if self.fragments is None:
+            return self.pairs
+        own = {i for i, _, _ in self.fragments.own}
+        return [pair for i, pair in enumerate(self.pairs) if i in own]
 
     def _working(self, p: nn.Parameter) -> torch.Tensor:
         return p.ds_tensor if self.partitioned else p.data
@@ -90,6 +104,9 @@ class EmaTeacher:
     def _refresh(self) -> None:
         """Cast the fp32 EMA into the teacher's working parameters (or their local partition);
         the whole copy, if any, is then out of date until its next gather."""
+        if self.fragments is not None:  # the gather writes the working parameters
+            self.fragments.stale()
+            return
         work = [self._working(p) for _, p, _ in self.pairs]
         torch._foreach_copy_(work, [self.ema[name].view(w.shape)
                                     for (name, _, _), w in zip(self.pairs, work)])
@@ -100,16 +117,20 @@ class EmaTeacher:
         """Start gathering the whole copy (every rank, after ``update``); no-op otherwise."""
         if self.whole is not None:
             self.whole.start()
+        if self.fragments is not None:
+            self.fragments.start(self.ema)
 
     def settle(self) -> None:
         """Let a gather in flight finish (every rank, before the end of the process)."""
         if self.whole is not None:
             self.whole.settle()
+        if self.fragments is not None:
+            self.fragments.settle()
 
     @torch.no_grad()
     def init_from_student(self) -> None:
         self.ema = {name: self._student_fp32(s).detach().float().clone()
-                    for name, _, s in self.pairs}
+                    for name, _, s in self._own_pairs()}
         self._refresh()
 
     @torch.no_grad()
@@ -117,11 +138,12 @@ class EmaTeacher:
         """ema = m * ema + (1 - m) * student (fp32), then refresh the working copy. With
         ``measure``, also return the RMS of this update's change over this rank's EMA tensors
         (0-dim, on their device; it costs one more read, so the trainer asks on log steps)."""
-        if not (self.partitioned or self.fp32_training):  # each a gathered fp32 copy: one at a
-            return self._update_one_by_one(momentum, measure)  # time, not all at once
-        emas = [self.ema[name] for name, _, _ in self.pairs]
-        students = [self._student_fp32(s).float() for _, _, s in self.pairs]
+        own = self._own_pairs()
+        emas = [self.ema[name] for name, _, _ in own]
+        students = [self._student_fp32(s).float() for _, _, s in own]
         rms = None
+        if measure and not emas:  # a rank holding no fragment of the teacher
+            rms = torch.zeros((), device=self.pairs[0][1].device)
         if measure and emas:
             norms = torch._foreach_norm(torch._foreach_sub(students, emas))
             numel = sum(e.numel() for e in emas)
@@ -131,23 +153,26 @@ class EmaTeacher:
         self._refresh()
         return rms
 
-    def _update_one_by_one(self, momentum: float, measure: bool) -> Optional[torch.Tensor]:
-        sq, numel = None, 0
-        for name, _, s in self.pairs:
-            ema, student = self.ema[name], self._student_fp32(s).float()
-            if measure:
-                change = (student - ema).square().sum() * (1 - momentum) ** 2
-                sq, numel = change if sq is None else sq + change, numel + ema.numel()
-            ema.mul_(momentum).add_(student, alpha=1 - momentum)
-        self._refresh()
-        return (sq / max(1, numel)).sqrt() if measure and sq is not None else None
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's fp32 EMA tensors (shards under ZeRO-3, whole otherwise), on the CPU."""
+        """This rank's fp32 EMA tensors (shards under ZeRO-3, fragments at stages 1-2, whole
+        otherwise), on the CPU."""
         return {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+
+    def whole_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole fp32 EMA, on the CPU: with fragments every rank's joined (a collective:
+        every rank calls it); with whole parameters this rank's. Not under ZeRO-3."""
+        if self.fragments is not None:
+            return self.fragments.join_fp32(self.ema)
+        return self.state_dict()
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """This rank's tensors, as ``state_dict`` gives them; with fragments, whole tensors
+        (which are cut here) are taken too."""
+        if self.fragments is not None and all(
+                state.get(name) is not None and state[name].numel() == p.numel()
+                for name, p, _ in self.pairs):
+            state = self.fragments.cut(state)
         missing = sorted(set(self.ema) - set(state))
         if missing:
             raise KeyError(f"teacher state lacks {missing[:5]}")
@@ -167,6 +192,10 @@ class EmaTeacher:
         return held, 4 * sum(self.full_numels().values())
 
     def describe_forward(self) -> str:
+        if self.fragments is not None:
+            return (f"whole {self.fragments.dtype} parameters ({self.fragments.bytes / 2**20:.1f} "
+                    f"MiB) refreshed from every rank's fp32 fragments by one all-gather per "
+                    f"optimiser step")
         if self.whole is not None:
             return (f"a whole {self.whole.dtype} copy ({self.whole.bytes / 2**20:.1f} MiB) gathered "
                     f"once per optimiser step")
@@ -179,6 +208,8 @@ class EmaTeacher:
         one block at a time (every rank must call it, as any ZeRO-3 forward)."""
         if self.whole is not None:
             self.whole.ready()
+        if self.fragments is not None:
+            self.fragments.ready(self.ema)
         trunk = self.trunk
         with gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
                        + list(trunk.norm_pre.parameters())):

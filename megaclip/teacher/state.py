@@ -28,15 +28,23 @@ def unshard(shards: list[torch.Tensor], numel: int, shape: tuple) -> torch.Tenso
     return torch.cat([s.reshape(-1) for s in shards])[:numel].reshape(shape).clone()
 
 
-def save_teacher(tag_dir: str, teacher) -> None:
-    """Every rank writes its fp32 shards (ZeRO-3); with whole parameters rank 0 writes them."""
+def teacher_state(teacher) -> dict[str, torch.Tensor]:
+    """What ``save_teacher`` writes for this rank: its fp32 shards under ZeRO-3, the whole fp32
+    EMA otherwise (joined from every rank's fragments at stages 1-2: a collective, so every
+    rank calls this at the same point, before the checkpoint's files are written)."""
+    return teacher.state_dict() if teacher.partitioned else teacher.whole_state_dict()
+
+
+def save_teacher(tag_dir: str, teacher, state: dict[str, torch.Tensor]) -> None:
+    """Every rank writes its fp32 shards (ZeRO-3); with whole parameters rank 0 writes the
+    whole EMA. ``state``: ``teacher_state(teacher)``."""
     rank, ws = world()
     if not teacher.partitioned and rank != 0:
         return
     os.makedirs(os.path.join(tag_dir, TEACHER_DIR), exist_ok=True)
     shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p, _ in teacher.pairs}
     torch.save({"partitioned": teacher.partitioned, "world_size": ws, "rank": rank,
-                "numel": teacher.full_numels(), "shape": shapes, "ema": teacher.state_dict()},
+                "numel": teacher.full_numels(), "shape": shapes, "ema": state},
                os.path.join(tag_dir, TEACHER_DIR, f"rank{rank:05d}.pt"))
 
 

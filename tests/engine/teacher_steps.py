@@ -142,7 +142,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
 
     tag_dir = os.path.join(out_dir, f"stage{stage}")
     os.makedirs(tag_dir, exist_ok=True)
-    teacher_state.save_teacher(tag_dir, teacher)
+    teacher_state.save_teacher(tag_dir, teacher, teacher_state.teacher_state(teacher))
     dist.barrier()
     # A fresh teacher restored from the files holds this rank's shards bit for bit; it gathers
     # block by block, so its equal output also checks the whole copy against that path.

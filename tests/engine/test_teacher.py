@@ -51,7 +51,7 @@ def test_sharded_ema_equals_a_whole_parameter_fp32_ema(reports):
 
 @pytest.mark.distributed
 def test_ema_update_makes_no_collective_call(reports):
-    for stage in STAGES:  # all fp32 here; bf16 at stages 1-2 is the documented exception
+    for stage in STAGES:
         assert reports[stage]["update_collectives"] == 0, stage
         assert reports[stage]["control_collectives"] >= 2  # the counter does see collectives
 
@@ -64,9 +64,15 @@ def test_zero3_teacher_gathers_its_whole_copy_once_per_update(reports):
     assert r["refresh_collectives"] == 1  # update + prefetch + two forwards: one all-gather
     assert r["per_block_forward_collectives"] > 10  # the per-block path gathers every forward
     assert r["restored_same_output"]  # and gives the whole copy's output bit for bit
-    for stage in (0, 1, 2):  # whole parameters: nothing to gather
+    for stage in (0, 1, 2):  # whole parameters
         assert reports[stage]["fresh_forward_collectives"] == 0, stage
-        assert reports[stage]["refresh_collectives"] == 0, stage
+    # fp32 at stage 0: the EMA is whole on every rank, nothing to gather; at stages 1-2 each
+    # rank holds the EMA of its fragments of the optimiser's fp32 masters, and the whole
+    # working copy comes back in one all-gather per update.
+    assert reports[0]["refresh_collectives"] == 0
+    for stage in (1, 2):
+        assert reports[stage]["refresh_collectives"] == 1, stage
+        assert "fragments by one all-gather" in reports[stage]["teacher_forward"]
 
 
 @pytest.mark.distributed
@@ -74,6 +80,8 @@ def test_teacher_memory_per_rank_is_one_over_n(reports):
     r = reports[3]
     assert 0.49 < r["held_bytes"] / r["full_bytes"] < 0.51
     assert reports[0]["held_bytes"] == reports[0]["full_bytes"]  # whole parameters at stage 0
+    for stage in (1, 2):  # each rank's fragments of the optimiser's flat fp32 buffers
+        assert reports[stage]["held_bytes"] < reports[stage]["full_bytes"], stage
 
 
 @pytest.mark.distributed
