@@ -74,23 +74,27 @@ def ds_for_stage(base: dict, stage: int) -> dict:
     return ds
 
 
-def student_full_fp32(engine, name: str, stage: int) -> torch.Tensor:
-    """The student's whole fp32 parameter (gathers under ZeRO-3: every rank must call)."""
+def student_full_fp32(engine, name: str, stage: int, bf16: bool = False) -> torch.Tensor:
+    """The student's whole fp32 parameter (gathers under ZeRO-3 and from bf16's fp32 masters:
+    every rank must call)."""
     p = dict(engine.module.named_parameters())[name]
-    if stage == 3:
+    if stage == 3 or bf16:
         return deepspeed.utils.safe_get_full_fp32_param(p).detach().clone().float()
     return p.data.detach().clone().float()
 
 
-def run_stage(stage: int, out_dir: str, steps: int) -> dict:
+def run_stage(spec: str, out_dir: str, steps: int) -> dict:
+    """``spec``: a ZeRO stage, fp32 (``zero3_cpu.json`` at that stage), or ``2bf16``
+    (``zero2_bf16.json``: bf16 parameters, fp32 masters in the optimiser)."""
+    stage, bf16 = int(spec[0]), spec.endswith("bf16")
     rank, ws = world()
     cfg = load_config("maskclip_tiny_synthetic", [
         f"train.micro_batch_size={GLOBAL_BATCH // ws}", "optim.warmup_steps=0", "optim.lr=0.002",
         "model.vision.depth=2", "model.text.depth=2", "objective.mask_distill.prototypes=64",
         "objective.mask_distill.head_hidden=64", "objective.mask_distill.head_bottleneck=32"])
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, VOCAB))
-    ds = merge_ds_config(ds_for_stage(load_ds_config("ds_configs/zero3_cpu.json"), stage),
-                         cfg.train, ws)
+    base = "ds_configs/zero2_bf16.json" if bf16 else "ds_configs/zero3_cpu.json"
+    ds = merge_ds_config(ds_for_stage(load_ds_config(base), stage), cfg.train, ws)
     dtype = model_dtype(ds)
     z3 = ds if stage == 3 else None
     model = build_model(cfg.model, cfg.objective, seed=0, zero3_config=z3, dtype=dtype)
@@ -104,7 +108,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
              for prefix, s_prefix in PREFIXES.values() if t_name.startswith(prefix)]
     reference = {}
     for t_name, s_name in names:
-        full = student_full_fp32(engine, s_name, stage)
+        full = student_full_fp32(engine, s_name, stage, bf16)
         if rank == 0:
             reference[t_name] = full
 
@@ -131,7 +135,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
             teacher.update(MOMENTUM)
         update_calls += counter.calls
         for t_name, s_name in names:
-            full = student_full_fp32(engine, s_name, stage)
+            full = student_full_fp32(engine, s_name, stage, bf16)
             if rank == 0:
                 reference[t_name].mul_(MOMENTUM).add_(full, alpha=1 - MOMENTUM)
 
@@ -140,7 +144,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
         deepspeed.comm.all_reduce(torch.ones(1))
         dist.all_reduce(torch.ones(1))
 
-    tag_dir = os.path.join(out_dir, f"stage{stage}")
+    tag_dir = os.path.join(out_dir, f"stage{spec}")
     os.makedirs(tag_dir, exist_ok=True)
     teacher_state.save_teacher(tag_dir, teacher, teacher_state.teacher_state(teacher))
     dist.barrier()
@@ -151,7 +155,7 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
     restored.ema = {k: torch.zeros_like(v) for k, v in teacher.ema.items()}
     teacher_state.load_teacher(tag_dir, restored)
     restored_exact = all(torch.equal(restored.ema[k], teacher.ema[k]) for k in teacher.ema)
-    probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(7))
+    probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(7)).to(dtype)
     same_output = torch.equal(restored(probe)["patch_logits"], teacher(probe)["patch_logits"])
     held, full_bytes = teacher.memory_bytes()
     # The whole copy's traffic: none while it is fresh, one gather per update however many
@@ -184,14 +188,14 @@ def run_stage(stage: int, out_dir: str, steps: int) -> dict:
         report["max_abs_teacher_move"] = max(
             (consolidated[k] - initial[k]).abs().max().item() for k in reference)
         torch.save({"teacher": consolidated, "reference": reference},
-                   os.path.join(out_dir, f"stage{stage}.pt"))
-        with open(os.path.join(out_dir, f"stage{stage}.json"), "w") as f:
+                   os.path.join(out_dir, f"stage{spec}.pt"))
+        with open(os.path.join(out_dir, f"stage{spec}.json"), "w") as f:
             json.dump(report, f)
     dist.barrier()
     return report
 
 
-def main(out_dir: str, steps: int, stages: list[int]) -> None:
+def main(out_dir: str, steps: int, stages: list[str]) -> None:
     setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
     init_distributed()
     for stage in stages:
@@ -200,4 +204,4 @@ def main(out_dir: str, steps: int, stages: list[int]) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(args[0], int(args[1]), [int(s) for s in args[2].split(",")])
+    main(args[0], int(args[1]), args[2].split(","))

@@ -1,5 +1,6 @@
 """The EMA teacher at world size 2 through the real DeepSpeed launcher (tests/engine/
-teacher_steps.py), at ZeRO-3 (sharded) and at stages 0, 1 and 2 (whole parameters)."""
+teacher_steps.py), at ZeRO-3 (sharded), at stages 0, 1 and 2 in fp32 and at stage 2 in bf16
+(whole parameters; at stages 1-2 each rank's EMA covers its fragments of the fp32 masters)."""
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from tests.conftest import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "engine", "teacher_steps.py")
 STAGES = (3, 0, 1, 2)
+BF16 = "2bf16"  # zero2_bf16.json: bf16 parameters, fp32 masters cut over the ranks
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +27,11 @@ def reports(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port",
                            str(free_port()), SCRIPT, str(out), "3",
-                           ",".join(map(str, STAGES))],
+                           ",".join(map(str, (*STAGES, BF16)))],
                           capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     found = {}
-    for stage in STAGES:
+    for stage in (*STAGES, BF16):
         with open(out / f"stage{stage}.json") as f:
             found[stage] = json.load(f)
         found[stage]["tensors"] = torch.load(out / f"stage{stage}.pt", weights_only=False)
@@ -101,6 +103,22 @@ def test_same_teacher_at_zero_stages_0_1_2_and_3(reports):
             torch.testing.assert_close(v, sharded[k], rtol=1e-5, atol=5e-6, msg=f"{stage} {k}")
         for a, b in zip(reports[stage]["losses"], reports[3]["losses"]):
             assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (stage, a, b)
+
+
+@pytest.mark.distributed
+def test_bf16_stage2_teacher_blends_this_ranks_fp32_fragments(reports):
+    """bf16 at ZeRO-2: the EMA reads the optimiser's fp32 masters (not the bf16 parameters),
+    this rank's fragments only, with no collective; the bf16 working copy comes back in one
+    all-gather per update; the checkpoint holds the whole fp32 EMA, restored exactly."""
+    r = reports[BF16]
+    assert r["max_abs_teacher_move"] > 1e-4
+    assert r["max_abs_diff_vs_reference"] <= 1e-7  # the whole-parameter fp32 EMA of the masters
+    assert r["update_collectives"] == 0 and r["control_collectives"] >= 2
+    assert r["refresh_collectives"] == 1 and r["fresh_forward_collectives"] == 0
+    assert "bfloat16" in r["teacher_forward"] and "fragments" in r["teacher_forward"]
+    assert r["held_bytes"] < r["full_bytes"]
+    assert r["restored_exact_all_ranks"]
+    assert all(t.dtype == torch.float32 for t in r["tensors"]["teacher"].values())
 
 
 @pytest.mark.parametrize("numel,ws", [(10, 3), (7, 2), (64, 4), (1, 8)])
