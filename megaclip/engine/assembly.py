@@ -255,7 +255,9 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
                 if p.from_slurm else ""))
     if t.teacher is not None:
         held, full = t.teacher.memory_bytes()
+        layout = ("sharded like the student" if t.teacher.partitioned else
+                  "this rank's fragments of the optimiser's fp32 masters"
+                  if t.teacher.fragments is not None else "whole")
         log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
-                 f"{full / 2**20:.2f} MiB ({held / full:.3f}), "
-                 f"{'sharded like the student' if t.teacher.partitioned else 'whole'}"
-                 f"; its forward: {t.teacher.describe_forward()}")
+                 f"{full / 2**20:.2f} MiB ({held / full:.3f}), {layout}; its forward: "
+                 f"{t.teacher.describe_forward()}")
