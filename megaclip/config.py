@@ -139,6 +139,10 @@ class TrainConfig:
     steps: int = 10000
     micro_batch_size: int = 64  # per rank; the DeepSpeed JSON must not contradict it
     grad_accum_steps: int = 1
+    # The contrastive loss of each micro-batch against the negatives of every micro-batch of
+    # the optimiser step (open_clip's --accum-freq): one extra no-grad forward per micro-batch.
+    # With grad_accum_steps 1 it changes nothing (the loss already sees the whole batch).
+    accum_negatives: bool = False
     grad_clip: float = 1.0
     seed: int = 0
     output_dir: str = "runs/megaclip"

@@ -33,6 +33,7 @@ from megaclip.data.stream import TrainLoader, build_train_loader
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop
 from megaclip.distributed import default_env, init_distributed, on_rank0, setup_device, world
+from megaclip.engine.accum import accumulates_negatives
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.guard import StepGuard
 from megaclip.engine.metrics import MetricLogger, peak_tflops
@@ -240,6 +241,13 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
         log.text("ZeRO-3 leaf blocks: " + ", ".join(f"{g} {n}" for g, n in leaves.items())
                  if any(leaves.values()) else
                  "ZeRO-3 per-module hooks (model.zero3_leaf_blocks=false)")
+    train = run.cfg.train
+    if train.accum_negatives:
+        log.text(f"contrastive negatives: all {run.global_batch} samples of the step's "
+                 f"{train.grad_accum_steps} micro-batches (train.accum_negatives; one more "
+                 f"forward per micro-batch)" if accumulates_negatives(train) else
+                 "train.accum_negatives changes nothing with train.grad_accum_steps=1: the "
+                 "contrastive loss already sees the whole global batch")
     log.text(f"optimiser: {t.optimizer_name}; "
              + (f"MFU against {run.peak_tflops:g} TFLOP/s per device"
                 if run.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "

@@ -12,6 +12,7 @@ from megaclip.checkpoint.folder import latest_checkpoint, write_json
 from megaclip.data.shard_order import FIRST_BAD_NAMED
 from megaclip.data.stream import SKIP_KINDS, bad_shards_over_limit
 from megaclip.distributed import all_reduce_sum
+from megaclip.engine.accum import accumulates_negatives, train_steps_accumulated
 from megaclip.engine.assembly import Run
 from megaclip.engine.guard import StepGuard, nan_injections, reduce_step_flags
 from megaclip.engine.metrics import memory_figures
@@ -116,20 +117,33 @@ class Trainer:
                 head.prototypes.frozen = step < section.freeze_prototypes_steps
         return lr
 
+    def _next_batch(self, it, window: LogWindow) -> dict:
+        """The next micro-batch on the device (the time spent waiting for it is the window's)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = next(it)
+        window.data_time += time.perf_counter() - t0
+        self.last_batch = batch
+        batch = to_device(batch, self.device, self.run.training.dtype, cfg.data.mean,
+                          cfg.data.std)
+        if (self.state.step + 1, self.run.process.rank) in self.inject_nan:
+            batch["images"] = batch["images"] * float("nan")
+        return batch
+
     def _step(self, it, window: LogWindow) -> tuple[dict, torch.Tensor]:
         """One optimiser step of ``grad_accum_steps`` micro-batches: (the terms averaged over
-        them, per guarded term whether it was not finite on this rank in any)."""
+        them, per guarded term whether it was not finite on this rank in any). With
+        ``train.accum_negatives`` every micro-batch of the step is read first (the contrastive
+        loss sees all of them); otherwise each is read just before it runs."""
         cfg, step_terms, flags = self.cfg, {}, None
-        for _ in range(cfg.train.grad_accum_steps):
-            t0 = time.perf_counter()
-            batch = next(it)
-            window.data_time += time.perf_counter() - t0
-            self.last_batch = batch
-            batch = to_device(batch, self.device, self.run.training.dtype, cfg.data.mean,
-                              cfg.data.std)
-            if (self.state.step + 1, self.run.process.rank) in self.inject_nan:
-                batch["images"] = batch["images"] * float("nan")
-            terms = train_step(self.engine, self.objective, batch, self.teacher, self.state.step)
+        batches = (self._next_batch(it, window) for _ in range(cfg.train.grad_accum_steps))
+        if accumulates_negatives(cfg.train):
+            logged = train_steps_accumulated(self.engine, self.objective, list(batches),
+                                             self.teacher, self.state.step)
+        else:
+            logged = (train_step(self.engine, self.objective, batch, self.teacher,
+                                 self.state.step) for batch in batches)
+        for terms in logged:
             # Only what enters the loss decides a skip (a statistic may be NaN harmlessly).
             local = StepGuard.local_flags({k: terms[k] for k in self.guarded})
             flags = local if flags is None else torch.maximum(flags, local)

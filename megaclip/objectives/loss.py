@@ -23,18 +23,23 @@ class ObjectiveLoss(nn.Module):
         super().__init__()
         self.terms = enabled_terms(cfg)
         self.weights = {t.term_name(cfg): t.weight(cfg) for t in self.terms}
+        self.names = {t.attr: t.term_name(cfg) for t in self.terms}  # by attribute
         for term in self.terms:
             self.add_module(term.attr, term.build(cfg, total_steps))
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                teacher_out: Optional[dict[str, torch.Tensor]] = None, step: int = 0
+                teacher_out: Optional[dict[str, torch.Tensor]] = None, step: int = 0,
+                term_outputs: Optional[dict[str, dict[str, torch.Tensor]]] = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``outputs``: the model's; ``teacher_out``: the EMA teacher's (``patch_logits``,
-        ``global_logits``) when a term needs it."""
+        ``global_logits``) when a term needs it; ``term_outputs``: outputs that the term of that
+        attribute reads instead of ``outputs`` (the contrastive term's accumulated features,
+        ``engine/accum.py``)."""
         terms: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         for term in self.terms:
-            t, s = term.compute(getattr(self, term.attr), outputs, batch, teacher_out, step)
+            out = (term_outputs or {}).get(term.attr, outputs)
+            t, s = term.compute(getattr(self, term.attr), out, batch, teacher_out, step)
             terms.update(t)
             stats.update(s)
         return terms, stats
