@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -175,6 +176,58 @@ def gpus_unseen_error(torch_cuda: Optional[str], environ=os.environ,
     return (f"nvidia-smi lists a GPU (driver {ver}) but torch does not see it: this torch is "
             f"{build}. Install a torch for this driver ({fix}), or hide the GPUs with "
             f"CUDA_VISIBLE_DEVICES= to run on the CPU")
+
+
+def missing_modules(modules) -> list[str]:
+    import importlib
+    import importlib.util
+    importlib.invalidate_caches()
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def ensure_modules(modules, wheelhouse: str, target: str) -> str:
+    """Make ``modules`` importable here and in the processes this one starts: what this Python
+    lacks is installed from ``wheelhouse`` into ``target`` (tools/wheelhouse.py install
+    --target: only the missing distributions, no network, the interpreter's own packages, its
+    torch above all, untouched), which goes first on sys.path and PYTHONPATH (its bin/ on PATH:
+    ninja). Returns a line for the log ("" when nothing was missing); a UserError (exit 2)
+    naming the missing modules when there is no wheelhouse."""
+    if os.path.isdir(target):
+        _use_private(target)
+    missing = missing_modules(modules)
+    if not missing:
+        return f"using packages from {target}" if os.path.isdir(target) else ""
+    from megaclip.errors import UserError
+    if not os.path.isfile(os.path.join(wheelhouse, "wheelhouse.json")):
+        raise UserError(f"this Python lacks {', '.join(missing)} and there is no wheelhouse at "
+                        f"{wheelhouse}: build one where there is network (bash tools/wheelhouse.sh "
+                        f"build --python {sys.version_info[0]}.{sys.version_info[1]} --no-torch "
+                        f"--out wheels/), carry it here and pass --wheelhouse")
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "wheelhouse.py")
+    start = time.time()
+    proc = subprocess.run([sys.executable, tool, "install", "--from", wheelhouse, "--target",
+                           target], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"installing from {wheelhouse} failed:\n{proc.stdout[-3000:]}"
+                        f"{proc.stderr[-3000:]}")
+    _use_private(target)
+    still = missing_modules(modules)
+    if still:
+        raise UserError(f"{wheelhouse} does not provide {', '.join(still)}")
+    return (f"installed {', '.join(missing)} (and what they need) from {wheelhouse} into "
+            f"{target} in {time.time() - start:.0f} s")
+
+
+def _use_private(target: str) -> None:
+    if target not in sys.path:
+        sys.path.insert(0, target)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if target not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([target] + parts)
+    bin_dir = os.path.join(target, "bin")
+    if os.path.isdir(bin_dir) and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def main(argv=None) -> int:

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"),
                    help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json, which needs a GPU; "
                         "on the CPU pass ds_configs/zero3_cpu.json)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="on a GPU, list the host synchronisations of the timed steps by source "
+                        "line (torch.cuda.set_sync_debug_mode('warn'))")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides applied to every objective (after the flags above)")
@@ -134,7 +137,7 @@ def run_child(args) -> int:
         preset, extra, ds_items = split_variant(name)
         result = measure(preset, overrides(args) + extra,
                          with_ds_items(load_ds_config(args.deepspeed_config), ds_items),
-                         args.vocab, args.steps, args.warmup, beside)
+                         args.vocab, args.steps, args.warmup, beside, args.sync_debug)
         result["objective"] = args.child
         if rank() != 0:
             return 0
@@ -212,6 +215,10 @@ def main(argv=None) -> int:
     for name in names:
         results.append(launch(args, argv, name))
         print(describe(results[-1]), flush=True)
+        if "host_syncs" in results[-1]:
+            from megaclip.bench.sync_watch import describe as describe_syncs
+            print(f"host synchronisations in {results[-1]['objective']}'s timed steps:\n"
+                  + describe_syncs(results[-1]["host_syncs"]), flush=True)
     base = results[0]
     ours = [r for r in results if r["objective"] != "open_clip"
             and not r["objective"].startswith(INTERLEAVED)]
