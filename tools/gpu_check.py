@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The CUDA path on one GPU within a short slot (about 6 minutes at the defaults): trains clip,
+"""The CUDA path on one GPU within a short slot (--budget 330 s, set-up included): trains clip,
 maskclip and silc at ViT-B/16 through megaclip/train.py with ds_configs/zero3_bf16.json (ZeRO-3,
 bf16, fused Adam), gradient accumulation 2, on a synthetic set it builds, with every
 collective's device checked; checks that every loss is finite and falls and that the EMA teacher
@@ -31,7 +31,7 @@ from megaclip.errors import UserError, run_cli  # noqa: E402
 from megaclip.install import ensure_modules, gpus_unseen_error  # noqa: E402
 
 EXAMPLE = """examples:
-  bash tools/gpu_check.sh                       # the whole check, about 6 minutes on one H100
+  bash tools/gpu_check.sh                       # the whole check, budgeted for 6 minutes
   bash tools/gpu_check.sh --wheelhouse /scratch/wheels   # a bare machine: install from there
   bash tools/gpu_check.sh --objectives clip --bench clip --steps 20 --budget 600
 """
