@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import time
 from typing import Optional
 
@@ -32,6 +33,21 @@ def extensions_dir(environ) -> tuple[str, str]:
     user = environ.get("USER") or str(os.getuid())
     base = environ.get("TMPDIR") or "/tmp"
     return os.path.join(base, f"megaclip-ext-{user}"), "node-local"
+
+
+def own_folder(path: str) -> None:
+    """Create ``path`` (mode 700) or accept it only as this user's own real folder that no one
+    else can write: a folder under /tmp planted by another user would let them swap in the
+    compiled library this process loads."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+            or st.st_mode & 0o022:
+        raise UserError(f"{path} (where DeepSpeed's ops would compile) is not a folder of yours "
+                        f"that only you can write; remove it, or set TORCH_EXTENSIONS_DIR to one")
 
 
 def stale_locks(root: str, max_age_s: float = STALE_LOCK_S, now: Optional[float] = None) -> list:
@@ -77,6 +93,8 @@ def setup_extensions(environ=None) -> str:
     call it before anything compiles. Returns a line for the log."""
     environ = os.environ if environ is None else environ
     root, why = extensions_dir(environ)
+    if why == "node-local":
+        own_folder(root)
     environ["TORCH_EXTENSIONS_DIR"] = root
     if not uses_lock_files():
         return f"ops compile in {root} ({why})"

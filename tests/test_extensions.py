@@ -56,3 +56,17 @@ def test_a_wait_on_a_lock_file_gives_up_naming_it(tmp_path, monkeypatch):
     with pytest.raises(FatalError, match=f"waited 0 s for {lock}.*rm {lock}"):
         baton.wait()
     assert time.time() - start < 5
+
+
+def test_the_node_local_folder_must_be_the_users_own(tmp_path):
+    env = {"USER": "ann", "TMPDIR": str(tmp_path)}
+    extensions.setup_extensions(dict(env))
+    folder = tmp_path / "megaclip-ext-ann"
+    assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700
+    folder.chmod(0o777)  # writable by anyone: someone could swap the compiled library
+    with pytest.raises(UserError, match="is not a folder of yours"):
+        extensions.setup_extensions(dict(env))
+    folder.rmdir()
+    os.symlink(tmp_path, folder)  # a link planted in its place
+    with pytest.raises(UserError, match="is not a folder of yours"):
+        extensions.setup_extensions(dict(env))

@@ -30,7 +30,7 @@ if [ ! -f "$venv/.complete" ]; then
   if [ -n "$TORCH_OFFLINE" ]; then
     "$venv/bin/pip" install -q $TORCH_PIP_ARGS -r requirements.txt
   else
-    [ -z "$TORCH_PIP_ARGS" ] && "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q --upgrade pip
     "$venv/bin/pip" install -q $TORCH_PIP_ARGS torch=="$(pin torch)" torchvision=="$(pin torchvision)"
     "$venv/bin/pip" install -q -r requirements.txt
   fi
