@@ -89,7 +89,7 @@ def test_the_checks_run_end_to_end_on_the_cpu(tmp_path):
                      "--bench-steps", "2", "--checkpointing", "off", "--json", str(out),
                      "--budget", "1500")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gpu_check: all checks passed (3 run(s), 0 skipped" in proc.stdout
+    assert "gpu_check: all checks passed (3 run(s), 0 skipped and 0 cut" in proc.stdout
     runs = json.loads(out.read_text())["runs"]
     assert [r["run"] for r in runs] == ["train clip, checkpointing off",
                                         "bench clip beside open_clip",
@@ -108,7 +108,7 @@ def test_the_checks_run_end_to_end_on_the_cpu(tmp_path):
     skipped = [json.loads(ln) for ln in lines.read_text().splitlines()][3:]
     assert [r["run"] for r in skipped] == ["train clip, checkpointing on", "bench clip beside open_clip"]
     assert all("left of --budget 60" in r["skipped"] for r in skipped)
-    assert "0 run(s), 2 skipped for time" in proc.stdout
+    assert "0 run(s), 2 skipped and 0 cut for time" in proc.stdout
 
 
 @pytest.mark.gpu

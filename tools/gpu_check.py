@@ -55,14 +55,16 @@ def parse_args(argv=None):
                    help="activation checkpointing in the training runs: on, off or both")
     p.add_argument("--steps", type=int, default=12, help="optimiser steps per training run")
     p.add_argument("--bench-steps", type=int, default=6, help="timed steps per bench run (+3 warm-up)")
-    p.add_argument("--micro-batch", type=int, default=64, help="micro-batch (x2 accumulation)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="micro-batch, x2 accumulation (default 64; 8 with --cpu)")
     p.add_argument("--preset", default=None, help="model preset (default vit_b16; tiny with --cpu)")
     p.add_argument("--deepspeed_config", default=None,
                    help="default ds_configs/zero3_bf16.json; ds_configs/zero3_cpu.json with --cpu")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "gpu_check"),
                    help="synthetic set, run outputs and private packages (reused when present)")
-    p.add_argument("--budget", type=int, default=330,
-                   help="seconds for the whole check: no run starts that would end past it")
+    p.add_argument("--budget", type=int, default=None,
+                   help="seconds for the whole check, set-up included: no run starts that would "
+                        "end past it (default 330; 1200 with --cpu)")
     p.add_argument("--run-timeout", type=int, default=180, help="seconds allowed per run")
     p.add_argument("--jsonl", default=None,
                    help="each finished run's figures as a JSON line (default: WORKDIR/figures.jsonl)")
@@ -71,10 +73,12 @@ def parse_args(argv=None):
                    help="wheels for what this Python lacks (tools/wheelhouse.sh build; default: "
                         "wheels/ in the repository)")
     p.add_argument("--cpu", action="store_true",
-                   help="run on the CPU anyway (tiny preset, ds_configs/zero3_cpu.json): a test of "
-                        "this check itself")
+                   help="run on the CPU anyway (tiny preset, ds_configs/zero3_cpu.json, "
+                        "micro-batch 8): a test of this check itself")
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.cpu else "vit_b16")
+    args.micro_batch = args.micro_batch or (8 if args.cpu else 64)
+    args.budget = args.budget or (1200 if args.cpu else 330)
     args.deepspeed_config = args.deepspeed_config or os.path.join(
         ROOT, "ds_configs", "zero3_cpu.json" if args.cpu else "zero3_bf16.json")
     args.jsonl = args.jsonl or os.path.join(args.workdir, "figures.jsonl")
@@ -142,6 +146,9 @@ def train_run(args, objective: str, ckpt: bool, data: str, timeout: float) -> di
                            dict(os.environ, MEGACLIP_CHECK_COLLECTIVES="1"))
     fig = {"checkpointing": ckpt}
     if code != 0:
+        rows = read_metrics(out) if os.path.isfile(os.path.join(out, "metrics.jsonl")) else []
+        if rows:  # the figures it logged before it stopped
+            fig["last_log"] = rows[-1]
         return {**fig, "problems": [f"exit {code}"], "log_tail": log[-4000:]}
     uses_teacher = load_config(None, [f"objective.preset={objective}"]).objective.uses_teacher
     problems, figures = judge_training(read_metrics(out), uses_teacher)
@@ -179,6 +186,9 @@ def describe(entry: dict) -> str:
     label, f = entry["run"], entry
     if entry.get("skipped"):
         return f"skip {label}: {entry['skipped']}"
+    if entry.get("cut"):
+        return f"cut  {label}: {entry['cut']} (the end of its log below)\n" + \
+            entry.get("log_tail", "")[-1500:]
     head = f"{'FAIL' if f['problems'] else 'ok  '} {label}: "
     if "log_tail" in f:
         return head + "; ".join(f["problems"]) + "\n" + f["log_tail"]
@@ -278,6 +288,10 @@ def main(argv=None) -> int:
                 entry.update(bench_run(args, params["objective"], params["beside_open_clip"], timeout))
             entry["wall_s"] = time.time() - t0
             took[kind] = entry["wall_s"]
+            if entry["problems"] == ["exit 124"] and timeout < args.run_timeout:
+                # The budget, not the run's own limit, stopped it: no verdict either way.
+                entry["cut"] = f"stopped at the end of --budget {args.budget} after {timeout:.0f} s"
+                entry["problems"] = []
             failed |= bool(entry["problems"])
         results.append(entry)
         record(args.jsonl, {k: v for k, v in entry.items() if k != "log_tail"})
@@ -285,10 +299,13 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "peak_tflops": peak,
-                       "runs": [r for r in results if not r.get("skipped")]}, f, indent=1)
-    done = sum(1 for r in results if not r.get("skipped"))
-    print(f"gpu_check: {'FAILED' if failed else 'all checks passed'} ({done} run(s), "
-          f"{len(results) - done} skipped for time, {time.time() - started:.0f} s)", flush=True)
+                       "runs": [r for r in results if not (r.get("skipped") or r.get("cut"))]},
+                      f, indent=1)
+    skipped = sum(1 for r in results if r.get("skipped"))
+    cut = sum(1 for r in results if r.get("cut"))
+    print(f"gpu_check: {'FAILED' if failed else 'all checks passed'} "
+          f"({len(results) - skipped - cut} run(s), {skipped} skipped and {cut} cut for time, "
+          f"{time.time() - started:.0f} s)", flush=True)
     return 1 if failed else 0
 
 
