@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,24 +17,69 @@ from typing import Optional
 
 from megaclip.errors import FatalError, UserError
 
-_RANGE = re.compile(r"^(?P<prefix>[^\[,]+)\[(?P<body>[^\]]+)\]")
-
-
-def first_host(nodelist: str) -> str:
-    """The first host name of a Slurm node list: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
+def parse_first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list, without scontrol: ``gpu[003-010,012],cpu1`` ->
+    ``gpu003``, ``gpu[01-02]-ib`` -> ``gpu01-ib``, ``r[1-2]n[07-08]`` -> ``r1n07``."""
     nodelist = nodelist.strip()
     if not nodelist:
         raise ValueError("empty node list")
-    m = _RANGE.match(nodelist)
-    if m is None:
-        return nodelist.split(",")[0]
-    first = m.group("body").split(",")[0].split("-")[0]
-    return m.group("prefix") + first
+    out, depth, body = [], 0, ""
+    for ch in nodelist:
+        if ch == "[":
+            depth, body = depth + 1, ""
+        elif ch == "]":
+            depth -= 1
+            out.append(re.split(r"[,-]", body)[0])  # the first value of the first range
+        elif depth:
+            body += ch
+        elif ch == ",":
+            break  # the end of the first host expression
+        else:
+            out.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced brackets in node list {nodelist!r}")
+    return "".join(out)
 
 
-def master_port(job_id: str) -> int:
-    """A port every task of the job derives alike (10000-59999), unless MASTER_PORT is set."""
-    return 10000 + int(job_id) % 50000
+def first_host(nodelist: str, which=shutil.which) -> str:
+    """The first host name of a Slurm node list, as ``scontrol show hostnames`` expands it when
+    scontrol is on PATH; ``parse_first_host`` otherwise, or when scontrol fails."""
+    if which("scontrol") is not None:
+        try:
+            proc = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                  capture_output=True, text=True, timeout=60)
+            names = proc.stdout.split()
+            if proc.returncode == 0 and names:
+                return names[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return parse_first_host(nodelist)
+
+
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The range the kernel hands out to outgoing connections (Linux's default 32768-60999)."""
+    try:
+        with open(path) as f:
+            low, high = (int(x) for x in f.read().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def master_port(job_id: str, ephemeral: Optional[tuple[int, int]] = None) -> int:
+    """A port every task of the job derives alike and the kernel never hands out to an outgoing
+    connection (a clash there fails the rendezvous at random): 20000 + job_id % 10000 when that
+    window is outside the ephemeral range, else in the widest gap beside it. MASTER_PORT wins."""
+    low, high = ephemeral or ephemeral_ports()
+    window = (20000, 29999)
+    if window[1] < low or window[0] > high:
+        return window[0] + int(job_id) % 10000
+    gaps = [(1024, low - 1), (high + 1, 65535)]
+    start, end = max(gaps, key=lambda g: g[1] - g[0])
+    if end < start:
+        raise UserError(f"the ephemeral port range {low}-{high} leaves no port for the "
+                        f"rendezvous: set MASTER_PORT")
+    return start + int(job_id) % min(10000, end - start + 1)
 
 
 def tasks_per_node(value: str) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megaclip.errors import UserError
+from megaclip.install import gpus_unseen_error
 
 _DEVICE = torch.device("cpu")
 # torch.distributed functions that take tensors; MEGACLIP_CHECK_COLLECTIVES=1 wraps them all.
@@ -49,6 +50,9 @@ def setup_device(accelerator=None, slurm_task: bool = False) -> torch.device:
         from deepspeed.accelerator import get_accelerator
         accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
+        unseen = gpus_unseen_error(torch.version.cuda)
+        if unseen:
+            raise UserError(unseen)
         _DEVICE = torch.device("cpu")
     else:
         local, visible = int(os.environ.get("LOCAL_RANK", "0")), accelerator.device_count()

@@ -22,7 +22,10 @@ export NCCL_NSOCKS_PERTHREAD=${NCCL_NSOCKS_PERTHREAD:-4}
 [ -n "${NCCL_SOCKET_IFNAME:-}" ] && export NCCL_SOCKET_IFNAME
 [ -n "${NCCL_IB_HCA:-}" ] && export NCCL_IB_HCA
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-# Rendezvous: the first host of the allocation; the port is derived from the job id unless set.
+# Rendezvous: the first host of the allocation (scontrol show hostnames); the port is derived from
+# the job id, outside the kernel's ephemeral port range, unless set.
+# DeepSpeed's ops (FusedAdam) compile in a node-local folder, $TMPDIR/megaclip-ext-$USER, unless
+# TORCH_EXTENSIONS_DIR is set (megaclip/extensions.py).
 # (megaclip/cluster.py turns SLURM_PROCID/LOCALID/NTASKS into RANK/LOCAL_RANK/WORLD_SIZE.)
 [ -n "${MASTER_PORT:-}" ] && export MASTER_PORT
 
@@ -32,7 +35,11 @@ echo "[megaclip] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $
 # so a requeued job continues where it stopped. The job is requeued by the trainer itself after
 # it has written the checkpoint that a pre-emption signal asked for.
 # shellcheck disable=SC2086
-srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" -u megaclip/train.py \
+# Slurm 22.05+ no longer passes the job's --cpus-per-task on to srun: pass it, or each task gets
+# one CPU and its data workers share it.
+cpus=()
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && cpus=(-c "$SLURM_CPUS_PER_TASK")
+srun --kill-on-bad-exit=1 --cpu-bind=none ${cpus[@]+"${cpus[@]}"} "$PYTHON" -u megaclip/train.py \
   --config "$CONFIG" --deepspeed_config "$DS_CONFIG" --resume auto \
   data.train_shards="$TRAIN_SHARDS" data.tokenizer="$TOKENIZER" train.output_dir="$OUTPUT_DIR" \
   $EXTRA_ARGS

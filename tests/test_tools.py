@@ -15,7 +15,7 @@ from tests.conftest import ROOT, run_tool
 
 TOOLS = ["make_shards.py", "make_synthetic.py", "train_tokenizer.py", "eval.py", "compare_runs.py",
          "bench_objectives.py", "bench_resume.py", "bench_data.py", "convert_checkpoint.py",
-         "make_eval_set.py", "fuzz_shards.py"]
+         "make_eval_set.py", "fuzz_shards.py", "wheelhouse.py", "gpu_check.py"]
 
 
 def run_train(*args):

@@ -58,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"),
                    help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json, which needs a GPU; "
                         "on the CPU pass ds_configs/zero3_cpu.json)")
+    p.add_argument("--open-clip-beside-only", action="store_true",
+                   help="time the first objective only step for step beside open_clip's step "
+                        "(one process, not also alone first)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="on a GPU, list the host synchronisations of the timed steps by source "
+                        "line (torch.cuda.set_sync_debug_mode('warn'))")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides applied to every objective (after the flags above)")
@@ -134,7 +140,7 @@ def run_child(args) -> int:
         preset, extra, ds_items = split_variant(name)
         result = measure(preset, overrides(args) + extra,
                          with_ds_items(load_ds_config(args.deepspeed_config), ds_items),
-                         args.vocab, args.steps, args.warmup, beside)
+                         args.vocab, args.steps, args.warmup, beside, args.sync_debug)
         result["objective"] = args.child
         if rank() != 0:
             return 0
@@ -207,15 +213,24 @@ def main(argv=None) -> int:
         raise UserError("--world-size must be >= 1")
     for name in names:
         split_variant(name)
-    if args.open_clip:  # in one process: step for step beside the first objective
+    if args.open_clip_beside_only:
+        if args.world_size != 1:
+            raise UserError("--open-clip-beside-only runs one process: --world-size 1")
+        args.open_clip = True
+        names[0] = INTERLEAVED + names[0]  # not also alone: one process fewer
+    elif args.open_clip:  # in one process: step for step beside the first objective
         names.append(INTERLEAVED + names[0] if args.world_size == 1 else "open_clip")
     results = []
     for name in names:
         results.append(launch(args, argv, name))
         print(describe(results[-1]), flush=True)
-    base = results[0]
+        if "host_syncs" in results[-1]:
+            from megaclip.bench.sync_watch import describe as describe_syncs
+            print(f"host synchronisations in {results[-1]['objective']}'s timed steps:\n"
+                  + describe_syncs(results[-1]["host_syncs"]), flush=True)
     ours = [r for r in results if r["objective"] != "open_clip"
             and not r["objective"].startswith(INTERLEAVED)]
+    base = ours[0] if ours else results[0]
     for r in ours[1:]:
         print(f"{r['objective']} / {base['objective']}: time "
               f"{r['step_time_s'] / base['step_time_s']:.2f}x, peak memory "
@@ -226,7 +241,8 @@ def main(argv=None) -> int:
               f"ZeRO-3 hooks {r['comm'].get('zero3_hooks', 0):.0f} vs "
               f"{base['comm'].get('zero3_hooks', 0):.0f}")
     if args.open_clip:
-        oc = results[-1]
+        oc = next(r for r in reversed(results) if r["objective"] == "open_clip"
+                  or r["objective"].startswith(INTERLEAVED))
         if oc["objective"] == "open_clip":
             for r in ours:
                 print(f"{r['objective']} / open_clip: time "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA path on one GPU in about ten minutes (tools/gpu_check.py --help); exits 0 with a
-# message where no GPU is visible. Uses .venv when it exists, else $PYTHON or python3.
+# The CUDA path on one GPU within a short slot (tools/gpu_check.py --help); exits 0 with a
+# message where no GPU is visible. Uses $PYTHON, else .venv when it exists, else python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}

@@ -3,6 +3,7 @@ random data, through the same engine, teacher and objective as training. Runs in
 of a launch (``deepspeed --num_gpus N`` or one process); rank 0 reports."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from megaclip.bench.comm_stats import CollectiveStats
+from megaclip.bench.sync_watch import SyncWatch
 from megaclip.config import load_config
 from megaclip.data.masks import batch_masks, masking_for
 from megaclip.engine.assembly import build_training, resolve_config, start_process
@@ -70,20 +72,24 @@ class ObjectiveStepper:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(self) -> tuple[float, float]:
-        """(seconds of the whole step, seconds of its EMA update and gather start)."""
+    def step(self, watch=contextlib.nullcontext) -> tuple[float, float]:
+        """(seconds of the whole step, seconds of its EMA update and gather start). ``watch``:
+        a context around the step's own work (not the timing's synchronisations)."""
         self.sync()
         start = time.perf_counter()
-        train_step(self.engine, self.objective, self.batch, self.teacher, self.steps_done)
-        self.objective.end_step(True)
+        with watch():
+            train_step(self.engine, self.objective, self.batch, self.teacher, self.steps_done)
+            self.objective.end_step(True)
         update = 0.0
         if self.teacher is not None:
             self.sync()
             t0 = time.perf_counter()
-            self.teacher.update(0.996)
+            with watch():
+                self.teacher.update(0.996)
             self.sync()
             update = time.perf_counter() - t0
-            self.teacher.prefetch()  # its gather is the step's, not the update's
+            with watch():
+                self.teacher.prefetch()  # its gather is the step's, not the update's
         self.sync()
         self.steps_done += 1
         return time.perf_counter() - start, update
@@ -114,19 +120,21 @@ class ObjectiveStepper:
 
 
 def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_size: int,
-            steps: int, warmup: int, beside=None) -> dict:
+            steps: int, warmup: int, beside=None, sync_debug: bool = False) -> dict:
     """Figures of ``steps`` optimiser steps after ``warmup`` untimed ones. ``step_time_s`` is the
     median step (robust to a busy machine), ``step_time_min_s`` the fastest; ``comm`` the
     collectives and bytes per step; ``teacher_update_s`` the EMA update's time per step.
     ``beside``: a callable building another stepper (``step() -> seconds``, e.g. open_clip's)
     run in this process alternately with this one, step for step, so that both see the same
     machine; its median step is ``beside_step_time_s`` and the median of the per-pair ratios
-    ``ratio_to_beside``."""
+    ``ratio_to_beside``. ``sync_debug``: ``host_syncs`` lists the host synchronisations of the
+    timed steps by source line (``SyncWatch``; a GPU only)."""
     stats = CollectiveStats()
     stepper = ObjectiveStepper(objective_preset, overrides, ds_config, vocab_size,
                                steps + warmup, stats)
     other = beside() if beside is not None else None
     times, update_times, other_times = [], [], []
+    watch = SyncWatch(sync_debug)
     stats.start()
     for i in range(warmup + steps):
         timed = i >= warmup
@@ -135,7 +143,7 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
             if stepper.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         stats.counting = timed  # this objective's timed steps only
-        took, update = stepper.step()
+        took, update = stepper.step(watch.watch if timed else contextlib.nullcontext)
         stats.counting = False
         other_took = other.step() if other is not None else None
         if timed:
@@ -145,6 +153,8 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
                 other_times.append(other_took)
     stepper.finish()
     out = stepper.figures(times, update_times, stats)
+    if watch.enabled:
+        out["host_syncs"] = watch.summary(len(times))
     if other is not None:
         out["beside_step_time_s"] = statistics.median(other_times)
         out["ratio_to_beside"] = statistics.median(a / b for a, b in zip(times, other_times))

@@ -38,6 +38,7 @@ from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dt
 from megaclip.engine.guard import StepGuard
 from megaclip.engine.metrics import MetricLogger, peak_tflops
 from megaclip.engine.optim import build_optimizer, param_groups
+from megaclip.extensions import setup_extensions
 from megaclip.models.build import build_model
 from megaclip.models.presets import check_multicrop, context_length, resolve_model_config
 from megaclip.objectives.flops import train_flops_per_sample
@@ -56,6 +57,7 @@ class Process:
     world_size: int
     from_slurm: bool  # an srun task: the rendezvous came from Slurm's variables
     stop_signal: Optional[cluster.StopSignal]  # None: no handlers (the benchmark)
+    extensions: str = ""  # where DeepSpeed's ops compile (megaclip/extensions.py)
 
 
 def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
@@ -68,6 +70,7 @@ def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
     ``slurm``: an srun task takes its rendezvous from Slurm's variables."""
     from_slurm = slurm and cluster.setup_from_slurm()
     default_env()
+    extensions = setup_extensions()
     device = setup_device(slurm_task=from_slurm)
     check_precision(ds_config, device, ds_source)
     stop = cluster.StopSignal(tuple(stop_signals)) if stop_signals is not None else None
@@ -75,7 +78,7 @@ def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
         before_init()
     init_distributed()
     rank, world_size = world()
-    return Process(device, rank, world_size, from_slurm, stop)
+    return Process(device, rank, world_size, from_slurm, stop, extensions)
 
 
 def resolve_config(cfg: Config, vocab_size: int) -> Config:
@@ -251,7 +254,8 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
     log.text(f"optimiser: {t.optimizer_name}; "
              + (f"MFU against {run.peak_tflops:g} TFLOP/s per device"
                 if run.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "
-                "and dtype; set train.peak_tflops)"))
+                "and dtype; set train.peak_tflops)")
+             + (f"; {p.extensions}" if p.extensions else ""))
     hosts = [None] * p.world_size
     torch.distributed.all_gather_object(hosts, cluster.host_description())
     by_host: dict[str, list[int]] = {}
