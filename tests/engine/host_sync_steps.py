@@ -12,7 +12,6 @@ import json
 import sys
 
 from megaclip.config import load_config
-from megaclip.engine import trainer as trainer_mod
 from megaclip.engine.assembly import build_run
 from megaclip.engine.ds_config import load_ds_config
 from megaclip.engine.trainer import Trainer
