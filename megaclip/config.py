@@ -161,6 +161,13 @@ class TrainConfig:
     requeue_on_stop: bool = True
     # Peak TFLOP/s of one device for the logged MFU; 0: look the GPU up (bf16 on known GPUs).
     peak_tflops: float = 0.0
+    # How long a collective waits for the slowest rank before the run fails (the process
+    # group's timeout; torch's and DeepSpeed's default is 10 minutes).
+    dist_timeout_min: float = 30.0
+    # How long the other ranks wait for rank 0 to convert a checkpoint written at another world
+    # size to DeepSpeed's universal format (ViT-L at 64 ranks can take longer than a collective
+    # should wait). They poll a file meanwhile, so no collective's timeout applies.
+    universal_conversion_timeout_min: float = 360.0
 
 
 @dataclass(frozen=True)
@@ -342,6 +349,9 @@ def validate(cfg: Config) -> None:
     check(cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0: keep all)")
     check(cfg.train.max_skipped_steps_in_a_row >= 1,
           "train.max_skipped_steps_in_a_row must be >= 1")
+    check(cfg.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0")
+    check(cfg.train.universal_conversion_timeout_min > 0,
+          "train.universal_conversion_timeout_min must be > 0")
     from megaclip.cluster import signal_numbers
     signal_numbers(cfg.train.stop_signals)  # a UserError naming an unknown signal
     check(set(cfg.train.requeue_signals) <= set(cfg.train.stop_signals),

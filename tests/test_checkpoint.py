@@ -166,3 +166,94 @@ def test_rank_0s_refusal_reaches_every_rank(tmp_path):
             results = dict(results)
         assert results[0] == results[1] and results[0][0] == "error", results
         assert message in results[0][1]
+
+
+class _FakeCuda:
+    """torch.cuda as a rank that uses device ``current`` of ``count`` visible GPUs sees it; the
+    all-device calls fail, as they would on a node with fewer GPUs than the saved list."""
+
+    def __init__(self, current, count):
+        self.current, self.count, self.set = current, count, []
+
+    def install(self, monkeypatch):
+        import torch
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state",
+                            lambda device="cuda": torch.full((4,), self.current, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state",
+                            lambda state, device="cuda": self.set.append(state.tolist()))
+
+        def all_devices(*a, **k):
+            raise RuntimeError("the all-device RNG calls must not be used")
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", all_devices)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", all_devices)
+
+
+def test_the_rng_state_holds_the_ranks_own_gpu_only_and_old_lists_still_load(monkeypatch):
+    import torch
+    from megaclip.checkpoint.train_state import rng_state, set_rng_state
+    cuda = _FakeCuda(current=3, count=8)
+    cuda.install(monkeypatch)
+    state = rng_state()
+    assert state["cuda"].tolist() == [3] * 4  # one tensor: this rank's device
+    set_rng_state(state)
+    assert cuda.set == [[3] * 4]
+    # Written before: every visible GPU's state. The rank's own entry where it exists ...
+    old = {**state, "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
+    set_rng_state(old)
+    assert cuda.set[-1] == [3] * 4
+    # ... and the first on a task that sees fewer GPUs than were saved (no crash).
+    old["cuda"] = old["cuda"][:2]
+    set_rng_state(old)
+    assert cuda.set[-1] == [0] * 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU resume of a GPU run
+    set_rng_state(old)
+    assert len(cuda.set) == 3
+
+
+def _convert_slowly(rank, port, scratch, fail, results):
+    """Rank 0's conversion (faked) takes 6 s under a 2 s process-group timeout."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from megaclip.checkpoint import io
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=2))
+
+    def convert(tag_dir, scratch_, out):
+        time.sleep(6)
+        if fail:
+            raise UserError("checkpoint file refused")
+        return out
+    io._convert_universal = convert
+    try:
+        path, result_file = io._to_universal("/ckpt/step00000002", scratch, 60)
+        dist.barrier()  # the group still works after the long wait
+        results[rank] = ("ok", path, os.path.basename(result_file))
+    except UserError as e:
+        results[rank] = ("error", str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ranks_wait_for_a_conversion_longer_than_the_collective_timeout(tmp_path):
+    import torch.multiprocessing as tmp
+
+    from tests.conftest import free_port
+    for fail in (False, True):
+        with tmp.Manager() as manager:
+            results = manager.dict()
+            tmp.spawn(_convert_slowly, args=(free_port(), str(tmp_path), fail, results), nprocs=2)
+            results = dict(results)
+        assert results[0] == results[1], results
+        if fail:
+            assert results[0] == ("error", "checkpoint file refused")
+        else:
+            assert results[0][1] == str(tmp_path / "step00000002.universal.tmp")
+            assert results[0][2] in os.listdir(tmp_path)  # rank 0's result, read by rank 1

@@ -53,6 +53,9 @@ def test_exponent_without_dot_is_a_number():
     ("train.requeue_signals=[SIGUSR2]", r"train.requeue_signals \['SIGUSR2'\] must be among"),
     ("train.max_skipped_steps_in_a_row=0", "max_skipped_steps_in_a_row must be >= 1"),
     ("train.keep_checkpoints=-1", "keep_checkpoints must be >= 0"),
+    ("train.dist_timeout_min=0", "train.dist_timeout_min must be > 0"),
+    ("train.universal_conversion_timeout_min=-1",
+     "train.universal_conversion_timeout_min must be > 0"),
 ])
 def test_run_safety_settings_are_checked(override, message):
     with pytest.raises(UserError, match=message):

@@ -103,6 +103,8 @@ def with_ds_items(ds: dict, items: list[str]) -> dict:
             zero["stage"] = int(value)
             for k in [k for k in zero if k.startswith("stage3")] if int(value) < 3 else []:
                 del zero[k]
+            if int(value) == 0:  # without ZeRO DeepSpeed accumulates in the model's dtype only
+                ds.get("data_types", {}).pop("grad_accum_dtype", None)
             continue
         try:
             parsed = json.loads(value)

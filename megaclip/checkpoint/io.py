@@ -9,9 +9,11 @@ read, and every file of it weights-only (``safe_load.py``): one from elsewhere r
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +29,7 @@ from megaclip.errors import FatalError, UserError
 
 CONFIG_FILE = "config.yaml"
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONVERSION_DELAY_ENV = "MEGACLIP_TEST_CONVERSION_DELAY_S"  # tests only: rank 0 sleeps first
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank(\d{5})\.pt$")
 
 
@@ -133,17 +136,69 @@ def saved_world_size(tag_dir: str) -> int:
     return len([f for f in os.listdir(tag_dir) if f.endswith("_optim_states.pt")]) or 1
 
 
-def _to_universal(tag_dir: str, scratch: str) -> str:
+def _to_universal(tag_dir: str, scratch: str, timeout_s: float) -> tuple[str, str]:
     """DeepSpeed's universal checkpoint of ``tag_dir`` (per-parameter fp32 weights and optimiser
     states, loadable at any world size), written by rank 0 under ``scratch`` and shared (a
-    failure is every rank's error); returns its path."""
+    failure is every rank's error); returns (its path, the result file to remove once every
+    rank has read it).
+
+    The conversion can take longer than a collective may wait (the process group's timeout,
+    ``train.dist_timeout_min``), so the other ranks do not wait in one: rank 0 writes the
+    outcome to a result file named for this attempt, and they poll for it for up to
+    ``timeout_s`` (``train.universal_conversion_timeout_min``)."""
+    import uuid
     out = os.path.join(scratch, os.path.basename(tag_dir) + ".universal" + TMP_SUFFIX)
-    return on_rank0(_convert_universal, tag_dir, scratch, out)
+    attempt = on_rank0(lambda: uuid.uuid4().hex)  # a stale result file is never read
+    result_file = f"{out}.{attempt}.result.json"
+    if rank() == 0:
+        try:
+            result = {"ok": _convert_universal(tag_dir, scratch, out)}
+        except BaseException as e:
+            if world()[1] > 1:
+                _write_result(result_file, {"error": type(e).__name__, "message": str(e)})
+            raise
+        if world()[1] > 1:
+            _write_result(result_file, result)
+    else:
+        result = _wait_for_result(result_file, timeout_s, tag_dir)
+    if "ok" in result:
+        return result["ok"], result_file
+    cls = {"UserError": UserError, "FatalError": FatalError}.get(result["error"], RuntimeError)
+    raise cls(result["message"] if cls is not RuntimeError
+              else f"on rank 0: {result['error']}: {result['message']}")
+
+
+def _write_result(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _wait_for_result(path: str, timeout_s: float, tag_dir: str) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise FatalError(f"rank 0 did not finish converting {tag_dir} to a universal "
+                             f"checkpoint (to resume at another world size) within "
+                             f"{timeout_s / 60:g} minutes (train.universal_conversion_timeout_"
+                             f"min), or its result {path} is not visible on this node")
+        time.sleep(min(2.0, max(0.05, timeout_s / 100)))
 
 
 def _convert_universal(tag_dir: str, scratch: str, out: str) -> str:
     import subprocess
     import sys
+    delay = float(os.environ.get(CONVERSION_DELAY_ENV) or 0)
+    if delay:  # tests only: a conversion slower than the process group's timeout
+        time.sleep(delay)
     os.makedirs(scratch, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
@@ -165,11 +220,13 @@ def _convert_universal(tag_dir: str, scratch: str, out: str) -> str:
     return out
 
 
-def load(engine, tag_dir: str, scratch: str) -> dict:
+def load(engine, tag_dir: str, scratch: str, conversion_timeout_s: Optional[float] = None
+         ) -> dict:
     """Restore model, optimiser and fp32 master shards; returns DeepSpeed's client state (empty
     since megaclip keeps its own, ``train_state.py``). A checkpoint written at another world size
     goes through DeepSpeed's universal format, converted under ``scratch`` (the run's own
-    checkpoint folder; the source is only read)."""
+    checkpoint folder; the source is only read) by rank 0 while the others wait up to
+    ``conversion_timeout_s`` (None: 6 hours)."""
     check_files(tag_dir)  # a crafted file is every rank's error, before DeepSpeed reads any
     ws = world()[1]
     saved_ws = saved_world_size(tag_dir)
@@ -179,7 +236,7 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
     # (weight decay included, so the no-decay group would be decayed); ours come from the config.
     groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
     if saved_ws != ws:
-        source = universal = _to_universal(tag_dir, scratch)
+        source = universal = _to_universal(tag_dir, scratch, conversion_timeout_s or 6 * 3600)[0]
         engine._config.load_universal_checkpoint = True
     try:
         with weights_only_loads():
@@ -197,9 +254,13 @@ def load(engine, tag_dir: str, scratch: str) -> dict:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if universal is not None:
-        barrier()
+        barrier()  # every rank has read the conversion and its result file
         if rank() == 0:
             shutil.rmtree(universal, ignore_errors=True)
+            for name in os.listdir(scratch):
+                if name.startswith(os.path.basename(universal) + ".") and name.endswith(
+                        (".result.json", ".result.json.tmp")):
+                    os.remove(os.path.join(scratch, name))
     return ds_client
 
 

@@ -68,17 +68,26 @@ def check_tokenizer(tag_dir: str, path: str,
 
 
 def rng_state() -> dict:
+    """The generators a rank draws from: the host's, Python's, and its own GPU's (only that
+    one: a resume may see fewer GPUs per task, and the rank uses no other)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state``'s generators. Checkpoints written before held every visible GPU's
+    state (a list): the rank's own device's entry is taken, or the first where the list is
+    shorter (a task that now sees one GPU)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 class TrainState:
@@ -120,12 +129,14 @@ class TrainState:
         return io.save(engine, root, self.step, write_own, keep, cfg, optimizer_kind,
                        protect=self.guard.protected)
 
-    def restore(self, engine, tag_dir: str, scratch: str) -> None:
+    def restore(self, engine, tag_dir: str, scratch: str,
+                conversion_timeout_s: Optional[float] = None) -> None:
         """Load ``tag_dir`` into the engine (``io.load``; a world-size change goes through
-        DeepSpeed's universal checkpoint under ``scratch``) and into this state. At another world
-        size every rank takes rank 0's client state without its RNG."""
+        DeepSpeed's universal checkpoint under ``scratch``, which the other ranks wait up to
+        ``conversion_timeout_s`` for) and into this state. At another world size every rank
+        takes rank 0's client state without its RNG."""
         with weights_only_loads():  # a refused file is an error naming it
-            ds_client = io.load(engine, tag_dir, scratch)
+            ds_client = io.load(engine, tag_dir, scratch, conversion_timeout_s)
             me, ws = rank(), world()[1]
             same_world = saved_world_size(tag_dir) == ws
             own = os.path.join(tag_dir, CLIENT_DIR, f"rank{me if same_world else 0:05d}.pt")

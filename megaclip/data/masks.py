@@ -128,18 +128,35 @@ def batch_masks(masking: Masking, seeds: list[int], tokens: torch.Tensor, eot: t
     if masking.image is not None:
         out["image_mask"] = torch.from_numpy(np.stack(
             [image_mask(r, masking.grid, masking.image) for r in rngs]))
+        out["keep_index"], out["masked_index"] = split_indices(out["image_mask"])
     if masking.text is not None:
         masks = [text_mask(r, tokens[i], int(eot[i]), masking.text, ordinary_ids)
                  for i, r in enumerate(rngs)]
         out["mlm_tokens"] = torch.stack([m.tokens for m in masks])
         out["mlm_target"] = torch.stack([m.target for m in masks])
         out["mlm_embed"] = torch.stack([m.use_mask_embedding for m in masks])
+        out["mlm_index"], out["mlm_valid"] = mlm_indices(out["mlm_target"])
     return out
 
 
 def split_indices(mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(visible patch indices (B, K), masked patch indices (B, M)), each ascending; every row
-    of ``mask`` must hold the same number of masked patches."""
+    of ``mask`` must hold the same number of masked patches. It reads the mask's values: the
+    data pipeline calls it on the host, so the training step never waits for the device."""
     order = torch.argsort(mask_BN.to(torch.int8), dim=1, stable=True)
     m = int(mask_BN[0].sum())
     return order[:, : mask_BN.shape[1] - m], order[:, mask_BN.shape[1] - m:]
+
+
+def mlm_indices(target_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen caption positions as (index (B, K), valid (B, K)): row i lists its chosen
+    positions in ascending order, then position 0 (never chosen) with ``valid`` False up to K,
+    the batch's largest count (at least 1). Gathering at fixed-shape indices keeps the
+    device's output shapes independent of the data (a boolean-mask index makes the host wait
+    for the device to count). Called on the host, by the data pipeline."""
+    counts = target_BL.sum(1)
+    k = max(1, int(counts.max())) if target_BL.numel() else 1
+    # Chosen positions first (stable: ascending), the rest after.
+    order = torch.argsort((~target_BL).to(torch.int8), dim=1, stable=True)[:, :k]
+    valid = torch.arange(k)[None] < counts[:, None]
+    return torch.where(valid, order, 0), valid

@@ -78,11 +78,23 @@ class TrainCrop:
                                antialias=True)
 
 
+_MEAN_STD: dict = {}  # (mean, std, device) -> the two (3, 1, 1) tensors on that device
+
+
+def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` on ``device``, copied there once: a copy from host memory at every
+    batch would make the host wait for the device each time."""
+    key = (tuple(float(x) for x in mean), tuple(float(x) for x in std), torch.device(device))
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                               for v in key[:2])
+    return _MEAN_STD[key]
+
+
 def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 views (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``, as torchvision's
     ``ToDtype(float32, scale=True)`` + ``Normalize`` compute it (same operations and order)."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    m, s = _mean_std(mean, std, images.device)
     return images.to(torch.float32).mul_(1.0 / 255).sub_(m).div_(s)
 
 

@@ -15,6 +15,7 @@ config resolution and 3.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -62,12 +63,13 @@ class Process:
 
 def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
                   stop_signals: Optional[tuple] = None, before_init=None,
-                  slurm: bool = True) -> Process:
+                  slurm: bool = True, dist_timeout_min: Optional[float] = None) -> Process:
     """The rank's device (``cuda:LOCAL_RANK``, chosen before anything touches a GPU), the
     precision check, the stop-signal handlers (before data workers fork, so they inherit the
     handler instead of dying of it; None: none installed) and the process group.
     ``before_init``: called just before the process group starts (collective counters).
-    ``slurm``: an srun task takes its rendezvous from Slurm's variables."""
+    ``slurm``: an srun task takes its rendezvous from Slurm's variables.
+    ``dist_timeout_min``: the process group's timeout (None: DeepSpeed's default)."""
     from_slurm = slurm and cluster.setup_from_slurm()
     default_env()
     extensions = setup_extensions()
@@ -76,7 +78,8 @@ def start_process(ds_config: dict, ds_source: str = "DeepSpeed config",
     stop = cluster.StopSignal(tuple(stop_signals)) if stop_signals is not None else None
     if before_init is not None:
         before_init()
-    init_distributed()
+    init_distributed(**({} if dist_timeout_min is None
+                        else {"timeout": datetime.timedelta(minutes=dist_timeout_min)}))
     rank, world_size = world()
     return Process(device, rank, world_size, from_slurm, stop, extensions)
 
@@ -128,20 +131,22 @@ def build_training(cfg: Config, ds_config: dict, world_size: int, device: torch.
 
 
 def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Optional[str],
-           eval_dir: Optional[str] = None) -> tuple[Optional[str], list[str]]:
+           eval_dir: Optional[str] = None, conversion_timeout_s: Optional[float] = None
+           ) -> tuple[Optional[str], list[str]]:
     """Lock and tidy the checkpoint folder (what interrupted writes left is finished or removed,
     never resumed from as is), choose the checkpoint (rank 0; every rank checks it), check it
     was trained with this run's tokenizer file and restore it into ``state``. Returns (the
     checkpoint resumed from or None, notes for the log). ``eval_dir``: where the run writes its
     ``eval_stepN.json`` (those newer than the checkpoint are moved aside with its newer
-    checkpoints)."""
+    checkpoints); ``conversion_timeout_s``: how long ranks wait for rank 0 to convert a
+    checkpoint of another world size (None: ``io.load``'s default)."""
     notes = list(on_rank0(checkpoint_folder.prepare_output, ckpt_root, resume_arg))
     resume_dir = choose_resume(ckpt_root, resume_arg)
     if resume_dir is not None:
         check_optimizer(resume_dir, training.optimizer_kind)
         if state.tokenizer is not None:
             notes += on_rank0(check_tokenizer, resume_dir, state.tokenizer["path"])
-        state.restore(training.engine, resume_dir, ckpt_root)
+        state.restore(training.engine, resume_dir, ckpt_root, conversion_timeout_s)
         # Newer checkpoints and results of this run: kept, out of the way.
         notes += [f"moved {p} aside: resuming from the older {resume_dir}"
                   for p in on_rank0(checkpoint_folder.move_aside, ckpt_root, state.step,
@@ -191,7 +196,8 @@ class Run:
 def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
               ds_source: str = "DeepSpeed config") -> Run:
     """Every part of a training run, in the order of this module's docstring."""
-    process = start_process(ds_config, ds_source, tuple(cfg.train.stop_signals))
+    process = start_process(ds_config, ds_source, tuple(cfg.train.stop_signals),
+                            dist_timeout_min=cfg.train.dist_timeout_min)
     # Checked by rank 0 alone and shared: fail fast, before any rank builds a model.
     urls = shard_list(cfg.data.train_shards)
     torch.manual_seed(cfg.train.seed)
@@ -204,7 +210,8 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
                        training.teacher, on_rank0(tokenizer_record, cfg.data.tokenizer))
     out_dir = cfg.train.output_dir
     ckpt_root = os.path.abspath(os.path.join(out_dir, "checkpoints"))
-    resume_dir, notes = resume(state, training, ckpt_root, resume_arg, os.path.abspath(out_dir))
+    resume_dir, notes = resume(state, training, ckpt_root, resume_arg, os.path.abspath(out_dir),
+                               60 * cfg.train.universal_conversion_timeout_min)
     loader = build_loader(cfg, tokenizer, process, state, urls)
     d = cfg.data
     eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size, d.mean,

@@ -49,10 +49,29 @@ def merge_ds_config(ds: dict, train: TrainConfig, world_size: int, source: str =
     ds["train_batch_size"] = total
     if ds.get("fp16", {}).get("enabled"):
         raise UserError(f"{source} enables fp16; megaclip trains in bf16 or fp32")
+    _accumulate_in_fp32(ds, source)
     # Our optimisers are client optimisers (FusedAdam, torch AdamW, apex): ZeRO accepts them.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 1 << 30)  # the trainer prints its own progress
     return ds
+
+
+def _accumulate_in_fp32(ds: dict, source: str) -> None:
+    """Under bf16, DeepSpeed sums the micro-batches' gradients in the model's dtype unless
+    ``data_types.grad_accum_dtype`` says otherwise: 8 significant bits, so with accumulation
+    the small gradients of later micro-batches round away. ZeRO stages 1-3 accumulate in fp32
+    when asked (stage 3 in its flat partition buffer, stage 2 in its compact fp32 partition);
+    without ZeRO DeepSpeed 0.19 refuses the mix, so stage 0 keeps bf16 unless the JSON says
+    otherwise, and then the error is ours."""
+    if model_dtype(ds) != torch.bfloat16:
+        return
+    types = ds.setdefault("data_types", {})
+    if zero_stage(ds) >= 1:
+        types.setdefault("grad_accum_dtype", "fp32")
+    elif types.get("grad_accum_dtype", "bf16") != "bf16":
+        raise UserError(f"{source} sets data_types.grad_accum_dtype="
+                        f"{types['grad_accum_dtype']} without ZeRO (stage 0); DeepSpeed "
+                        f"accumulates in fp32 under bf16 only with ZeRO stages 1-3")
 
 
 def zero_stage(ds: dict) -> int:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from megaclip.data.masks import split_indices
+from megaclip.data.masks import mlm_indices, split_indices
 from megaclip.data.views import normalise
 from megaclip.objectives.loss import ObjectiveLoss
 from megaclip.teacher.build import teacher_forward
@@ -16,7 +16,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype,
               mean: Optional[tuple] = None, std: Optional[tuple] = None) -> dict:
     """The model's inputs on ``device``; uint8 images (as the loader hands them out) are
     normalised there with ``mean`` / ``std`` (data.mean / data.std), float ones taken as they
-    are; a patch mask becomes visible/masked index lists."""
+    are; masks travel as index lists (the data pipeline draws them; a batch built without the
+    pipeline gets them here, on the host): nothing in the step reads a device value."""
     out = {}
     for key in ("images", "views", "local_views"):
         if key in batch:
@@ -26,13 +27,15 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype,
                     raise ValueError(f"batch['{key}'] is {x.dtype}: to_device needs mean and std")
                 x = normalise(x, mean, std)
             out[key] = x.to(dtype)
-    for key in ("tokens", "eot", "mlm_tokens", "mlm_target", "mlm_embed"):
+    batch = dict(batch)
+    if "image_mask" in batch and "keep_index" not in batch:
+        batch["keep_index"], batch["masked_index"] = split_indices(batch["image_mask"])
+    if "mlm_target" in batch and "mlm_index" not in batch:
+        batch["mlm_index"], batch["mlm_valid"] = mlm_indices(batch["mlm_target"])
+    for key in ("tokens", "eot", "mlm_tokens", "mlm_index", "mlm_valid", "mlm_embed",
+                "keep_index", "masked_index"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
-    if "image_mask" in batch:
-        keep, masked = split_indices(batch["image_mask"])
-        out["keep_index"] = keep.to(device, non_blocking=True)
-        out["masked_index"] = masked.to(device, non_blocking=True)
     return out
 
 
@@ -48,9 +51,11 @@ def train_step(engine, objective: ObjectiveLoss, batch: dict, teacher=None,
                step: int = 0) -> dict[str, torch.Tensor]:
     """One micro-batch through the DeepSpeed engine; the engine decides when the optimiser steps
     (gradient accumulation boundaries). Returns detached terms and statistics for logging."""
+    # The student first: the teacher's whole-copy gather, started after the last optimiser
+    # step, is in flight meanwhile; the teacher's forward waits for it.
+    outputs = engine(**batch)
     teacher_out = (teacher_forward(teacher, batch, engine.module.passes)
                    if teacher is not None else None)
-    outputs = engine(**batch)
     terms, stats = objective(outputs, batch, teacher_out, step)
     loss = poison_if_not_finite(objective.total(terms))
     engine.backward(loss)

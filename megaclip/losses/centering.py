@@ -52,7 +52,6 @@ class Centering(nn.Module):
         self._sum, self._count = None, 0
         if not applied or total is None:
             return
-        packed = all_reduce_sum(torch.cat([total, torch.tensor([float(count)],
-                                                               device=total.device)]))
+        packed = all_reduce_sum(torch.cat([total, total.new_full((1,), float(count))]))
         m = self.momentum
         self.center.mul_(m).add_(packed[:-1] / packed[-1], alpha=1 - m)

@@ -42,7 +42,7 @@ class MaskedDistillLoss(nn.Module):
             entropy, batch_entropy = target_entropies(target)
             self.centering.add(teacher)
         stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
-                 "teacher_temp": torch.tensor(temp, device=teacher.device)}
+                 "teacher_temp": torch.full((), temp, device=teacher.device)}  # no host copy
         return {"distill": loss}, stats
 
     def end_step(self, applied: bool) -> None:

@@ -34,15 +34,16 @@ class LocalGlobalLoss(nn.Module):
         with torch.no_grad():
             target = F.softmax((teacher - self.centering.center) / temp, dim=-1)
         log_student = F.log_softmax(student_logits.float() / self.cfg.student_temp, dim=-1)
-        # (t, s) cross-entropies, each averaged over the batch; same-view pairs left out.
+        # (t, s) cross-entropies, each averaged over the batch; same-view pairs left out (by a
+        # mask of fixed shape and a count known here: no output size depends on the data).
         ce = -torch.einsum("tbk,sbk->ts", target, log_student) / teacher.shape[1]
         keep = ~torch.eye(views_t, views_s, dtype=torch.bool, device=ce.device)
-        loss = ce[keep].mean()
+        loss = torch.where(keep, ce, 0.0).sum() / (views_t * views_s - min(views_t, views_s))
         with torch.no_grad():
             entropy, batch_entropy = target_entropies(target)
             self.centering.add(teacher)
         stats = {"global_teacher_entropy": entropy, "global_teacher_batch_entropy": batch_entropy,
-                 "global_teacher_temp": torch.tensor(temp, device=teacher.device)}
+                 "global_teacher_temp": torch.full((), temp, device=teacher.device)}
         return {"local_global": loss}, stats
 
     def end_step(self, applied: bool) -> None:

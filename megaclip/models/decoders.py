@@ -46,13 +46,14 @@ class TextMlmDecoder(nn.Module):
         self.out = nn.Linear(width, vocab_size)
 
     def forward(self, tokens_BLW: torch.Tensor, eot_B: torch.Tensor,
-                target_BL: torch.Tensor) -> torch.Tensor:
-        """Logits (number of chosen positions, vocab) in row-major order of ``target``. Padding
-        after the end-of-text token is not attended to."""
+                index_BK: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, vocab) at the positions ``index`` (``data.masks.mlm_indices``: fixed
+        shape, so no output size depends on the data). Padding after the end-of-text token is
+        not attended to."""
         L = tokens_BLW.shape[1]
         valid = torch.arange(L, device=eot_B.device)[None] <= eot_B[:, None]  # (B, L)
         attn = valid[:, None, None, :]  # broadcast over heads and queries
         x = tokens_BLW
         for blk in self.blocks:
             x = blk(x, attn_mask=attn)
-        return self.out(self.norm(x[target_BL]))
+        return self.out(self.norm(tokens_at(x, index_BK)))

@@ -81,9 +81,10 @@ class TwoTower(nn.Module):
     def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
                 eot: Optional[torch.Tensor] = None, keep_index: Optional[torch.Tensor] = None,
                 masked_index: Optional[torch.Tensor] = None,
-                mlm_tokens: Optional[torch.Tensor] = None, mlm_target: Optional[torch.Tensor] = None,
+                mlm_tokens: Optional[torch.Tensor] = None, mlm_index: Optional[torch.Tensor] = None,
                 mlm_embed: Optional[torch.Tensor] = None, views: Optional[torch.Tensor] = None,
-                local_views: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                local_views: Optional[torch.Tensor] = None,
+                mlm_valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """``images`` (B, 3, S, S); SILC adds the other global crops ``views`` (B, G-1, 3, S, S)
         and the local crops ``local_views`` (B, L, 3, s, s). Outputs: ``image_features`` of
         ``images`` (B, E), ``view_image_features`` of ``views`` (G-1, B, E) and
@@ -132,10 +133,13 @@ class TwoTower(nn.Module):
                 out["text_features"] = F.normalize(feature, dim=-1)
             if mlm:
                 out["mlm_logits"] = self.text_decoder(hidden[-mlm_tokens.shape[0]:], eot,
-                                                      mlm_target)
-        out["logit_scale"] = self.logit_scale.clamp(max=self.max_log_scale).exp()[0]
+                                                      mlm_index)
+        # fp32 whatever the model's dtype (open_clip keeps these scalars in fp32). Under bf16
+        # the parameter itself is the bf16 copy of DeepSpeed's fp32 master (ZeRO-3 keeps one
+        # dtype for every trained parameter); the exp and everything after it are fp32.
+        out["logit_scale"] = self.logit_scale.float().clamp(max=self.max_log_scale).exp()[0]
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias[0]
+            out["logit_bias"] = self.logit_bias.float()[0]
         return out
 
 

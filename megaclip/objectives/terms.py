@@ -109,7 +109,8 @@ def _mlm(cfg: ObjectiveConfig, total_steps: int) -> nn.Module:
 
 
 def _mlm_values(loss, outputs, batch, teacher_out, step) -> TermValues:
-    return loss(outputs["mlm_logits"], batch["tokens"], batch["mlm_target"]), {}
+    return loss(outputs["mlm_logits"], batch["tokens"], batch["mlm_index"],
+                batch["mlm_valid"]), {}
 
 
 BUILTIN_TERMS: tuple[Term, ...] = (

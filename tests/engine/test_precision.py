@@ -115,3 +115,70 @@ def test_auto_takes_fused_adam_when_it_loads_and_torch_fused_on_the_cpu(monkeypa
     assert optim.build_optimizer(OptimConfig(), _groups(), "cuda") == (sentinel, "DeepSpeed FusedAdam")
     opt, name = optim.build_optimizer(OptimConfig(), _groups(), "cpu")
     assert opt.defaults["fused"] and name == "torch AdamW (fused)"
+
+
+@pytest.mark.parametrize("ds_file", ["zero3_bf16.json", "zero2_bf16.json"])
+def test_bf16_accumulates_gradients_and_keeps_masters_and_the_scale_in_fp32(process_group,
+                                                                            ds_file):
+    """What DeepSpeed actually uses, read off a bf16 engine on this CPU: the buffer that sums
+    the micro-batches' gradients, the master weights, and the logit scale and SigLIP bias as
+    the loss receives them."""
+    import dataclasses
+
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+    from megaclip.engine.assembly import build_training
+    from megaclip.engine.step import train_step
+    cfg = load_config("clip_tiny_synthetic", ["objective.contrastive=siglip",
+                                              "train.micro_batch_size=4",
+                                              "train.grad_accum_steps=2"])
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, 128))
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", ds_file))
+    training = build_training(cfg, ds, 1, torch.device("cpu"), ds_file)
+    engine, module = training.engine, training.engine.module
+    assert training.dtype == torch.bfloat16
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+    seen = {}
+    module.register_forward_hook(lambda m, a, out: seen.update(out))
+    g = torch.Generator().manual_seed(0)
+    side, ctx = cfg.model.vision.image_size, cfg.model.text.context_length
+    batch = {"images": torch.randn(4, 3, side, side, generator=g).to(torch.bfloat16),
+             "tokens": torch.randint(4, 128, (4, ctx), generator=g),
+             "eot": torch.randint(1, ctx, (4,), generator=g)}
+    train_step(engine, training.objective, batch)  # the first micro-step: no optimiser step
+    assert not engine.is_gradient_accumulation_boundary() or engine.global_steps == 0
+    opt = engine.optimizer
+    if training.stage == 3:
+        accum = opt.grad_partitions_flat_buffer  # every rank's gradient partitions, summed
+        masters = [safe_get_local_fp32_param(p) for p in module.parameters()]
+        param = module.logit_scale.ds_tensor
+    else:
+        accum = opt.averaged_gradients[0].flat_partition  # stage 2's fp32 partition
+        masters = [safe_get_full_fp32_param(p) for p in module.parameters()]
+        param = module.logit_scale
+    assert accum.dtype == torch.float32 and accum.abs().sum() > 0  # holds micro-step 1
+    assert param.dtype == torch.bfloat16  # the working copy: one dtype under ZeRO
+    assert {m.dtype for m in masters} == {torch.float32}
+    assert seen["logit_scale"].dtype == torch.float32
+    assert seen["logit_bias"].dtype == torch.float32
+    before = accum.clone()
+    train_step(engine, training.objective, batch)  # the boundary: the optimiser steps
+    assert engine.global_steps == 1 and not torch.equal(before, accum)
+
+
+def test_bf16_configs_accumulate_in_fp32_unless_the_json_says_otherwise():
+    train = load_config("clip_tiny_synthetic", []).train
+    for name in ("zero3_bf16.json", "zero2_bf16.json"):
+        ds = load_ds_config(os.path.join(ROOT, "ds_configs", name))
+        assert ds["data_types"]["grad_accum_dtype"] == "fp32", name
+        del ds["data_types"]
+        assert merge_ds_config(ds, train, 1)["data_types"]["grad_accum_dtype"] == "fp32"
+        ds["data_types"] = {"grad_accum_dtype": "bf16"}  # asked for: kept
+        assert merge_ds_config(ds, train, 1)["data_types"]["grad_accum_dtype"] == "bf16"
+    fp32 = merge_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs", "zero3_cpu.json")),
+                           train, 1)
+    assert "grad_accum_dtype" not in fp32.get("data_types", {})
+    plain = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    with pytest.raises(UserError, match="without ZeRO"):
+        merge_ds_config(plain, train, 1)
+    del plain["data_types"]
+    assert merge_ds_config(plain, train, 1)["data_types"] == {}  # bf16 sums, as DeepSpeed does

@@ -113,3 +113,26 @@ def test_after_a_change_of_size_the_next_losses_are_the_unchanged_runs(tmp_path,
     assert sorted(back) == [5, 6] and len(set(reference.values())) == 6  # it does learn
     for step, loss in {**one, **back}.items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_conversion_slower_than_the_collective_timeout_still_resumes(tmp_path, synthetic):
+    """1 -> 2 ranks with a process-group timeout of 1 minute (the rendezvous of two ranks
+    starting on a busy 2-core machine needs some of it) while rank 0's conversion to the
+    universal format takes over 90 s: rank 1 waits for it by polling a file, in no collective,
+    so the resume goes through instead of timing out."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    quick = ("objective.preset=clip", "train.ckpt_every=2")
+    _train(1, synthetic, one, "train.steps=2", *quick)
+    slow = {**os.environ, "MEGACLIP_TEST_CONVERSION_DELAY_S": "90"}
+    proc = subprocess.run(_command(2, synthetic, two, "train.steps=3",
+                                   "train.dist_timeout_min=1", *quick,
+                                   "--resume", str(one / "checkpoints" / "step00000002")),
+                          capture_output=True, text=True, cwd=ROOT, timeout=900, env=slow)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "resumed from step00000002 at step 2" in log
+    names = os.listdir(two / "checkpoints")
+    # The conversion and rank 0's result file were removed once every rank had loaded.
+    assert "step00000003" in names and not [n for n in names if ".universal" in n], names

@@ -6,6 +6,7 @@ import torch
 
 from megaclip.config import MaskDistillConfig
 from megaclip.losses.distill import MaskedDistillLoss, teacher_temperature
+from megaclip.data.masks import mlm_indices
 from megaclip.losses.mlm import MlmLoss
 
 B, N, M, K = 3, 16, 12, 32
@@ -89,11 +90,13 @@ def test_teacher_temperature_warms_up_linearly():
 def test_mlm_loss_reads_the_chosen_positions_only():
     tokens = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 21, 3, 0]])
     target = torch.tensor([[False, True, False, True, False], [False, False, True, False, False]])
-    logits = torch.full((3, 30), -10.0)
-    logits[0, 10], logits[1, 12], logits[2, 21] = 10.0, 10.0, 10.0  # right answers, row-major
-    assert MlmLoss()(logits, tokens, target)["mlm"] < 1e-6
-    logits[1, 12], logits[1, 13] = -10.0, 10.0
-    assert MlmLoss()(logits, tokens, target)["mlm"] > 1.0
+    index, valid = mlm_indices(target)  # (2, 2): row 1 has one chosen position and padding
+    logits = torch.full((2, 2, 30), -10.0)
+    logits[0, 0, 10], logits[0, 1, 12], logits[1, 0, 21] = 10.0, 10.0, 10.0  # right answers
+    logits[1, 1, 5] = 10.0  # padding, wrong for position 0: must not count
+    assert MlmLoss()(logits, tokens, index, valid)["mlm"] < 1e-6
+    logits[0, 1, 12], logits[0, 1, 13] = -10.0, 10.0
+    assert MlmLoss()(logits, tokens, index, valid)["mlm"] > 1.0
 
 
 def test_a_checkpoint_from_before_the_centring_module_still_loads():

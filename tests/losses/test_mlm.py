@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megaclip.data.masks import mlm_indices
 from megaclip.losses.mlm import MlmLoss
 from tests.conftest import free_port
 
@@ -31,7 +32,12 @@ def _run(rows):
     first = int(target[:rows.start].sum())
     n = int(target[rows].sum())
     mine = logits[first:first + n].clone().requires_grad_(True)
-    loss = MlmLoss()(mine, tokens[rows], target[rows])["mlm"]
+    index, valid = mlm_indices(target[rows])
+    # The decoder's (B, K, V) output: the chosen pieces in row-major order, and padding rows
+    # (large values) that must not count.
+    padding = torch.full((*index.shape, V), 50.0)
+    padded = padding.index_put(valid.nonzero(as_tuple=True), mine)
+    loss = MlmLoss()(padded, tokens[rows], index, valid)["mlm"]
     loss.backward()
     return loss.detach(), mine.grad
 
@@ -45,6 +51,22 @@ def _worker(rank, port, queue):
     # a tensor would travel as a shared-memory handle that dies with this process.
     queue.put((rank, (loss / 2).numpy(), (grad / 2).numpy()))
     dist.destroy_process_group()
+
+
+def test_indices_list_the_chosen_positions_then_padding():
+    _, target, _ = _data()
+    index, valid = mlm_indices(target)
+    assert index.shape == valid.shape == (4, 5)
+    assert index[0].tolist() == [0, 0, 0, 0, 0] and valid[0].tolist() == [True] + [False] * 4
+    assert index[3].tolist() == [1, 2, 3, 4, 0] and valid[3].sum() == 4
+    assert index[2].tolist() == [0, 1, 2, 3, 4] and valid[2].all()
+
+
+def test_one_process_is_the_mean_over_every_chosen_piece():
+    tokens, target, logits = _data()
+    loss, _ = _run(slice(0, 4))
+    want = torch.nn.functional.cross_entropy(logits, tokens[target])
+    torch.testing.assert_close(loss, want)
 
 
 @pytest.mark.distributed

@@ -116,9 +116,10 @@ def _batch(model, obj, mcfg, B=2):
         s = obj.local_global.local_size
         batch["local_views"] = torch.randn(B, obj.passes.local_views, 3, s, s)
     if obj.passes.masked_caption:
-        target = torch.zeros(B, L, dtype=torch.bool)
-        target[:, 1:3] = True
-        batch.update(mlm_tokens=batch["tokens"].clone(), mlm_target=target, mlm_embed=target)
+        embed = torch.zeros(B, L, dtype=torch.bool)
+        embed[:, 1:3] = True
+        batch.update(mlm_tokens=batch["tokens"].clone(), mlm_embed=embed,
+                     mlm_index=torch.tensor([[1, 2]] * B), mlm_valid=torch.ones(B, 2, dtype=torch.bool))
     return batch
 
 
