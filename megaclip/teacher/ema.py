@@ -73,7 +73,7 @@ class EmaTeacher:
         if holds_fragments([s for _, _, s in self.pairs]):  # ZeRO 1-2: fp32 in fragments
             self.fragments = FragmentCopy([name for name, _, _ in self.pairs],
                                           [p.data for _, p, _ in self.pairs],
-                                          [s for _, _, s in self.pairs])
+                                          [s for _, _, s in self.pairs], lambda: self.ema)
         if whole is not None and self.partitioned:  # the forward runs on the whole copy
             w_trunk, w_heads = whole
             self.whole = WholeCopy(self.pairs, w_trunk, w_heads)
@@ -118,7 +118,7 @@ class EmaTeacher:
         if self.whole is not None:
             self.whole.start()
         if self.fragments is not None:
-            self.fragments.start(self.ema)
+            self.fragments.start()
 
     def settle(self) -> None:
         """Let a gather in flight finish (every rank, before the end of the process)."""
@@ -209,7 +209,7 @@ class EmaTeacher:
         if self.whole is not None:
             self.whole.ready()
         if self.fragments is not None:
-            self.fragments.ready(self.ema)
+            self.fragments.ready()
         trunk = self.trunk
         with gathered(list(trunk.parameters(recurse=False)) + list(trunk.patch_embed.parameters())
                        + list(trunk.norm_pre.parameters())):

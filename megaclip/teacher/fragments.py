@@ -13,10 +13,12 @@ rank is 1/N of the teacher, as under ZeRO-3.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable
 
 import torch
 from torch import nn
+
+from megaclip.teacher.gathered_copy import GatheredCopy
 
 Address = tuple[int, int, int]  # (index of the pair, start in the flat parameter, numel)
 
@@ -37,16 +39,16 @@ def own_addresses(students: list[nn.Parameter]) -> list[Address]:
     return out
 
 
-class FragmentCopy:
+class FragmentCopy(GatheredCopy):
     """The whole working parameters of the teacher (``targets``, in the model dtype), refreshed
-    from every rank's fp32 EMA fragments by one all-gather."""
+    from every rank's fp32 EMA fragments (``ema()``: this rank's, by name) by one all-gather."""
 
     def __init__(self, names: list[str], targets: list[torch.Tensor],
-                 students: list[nn.Parameter]):
+                 students: list[nn.Parameter], ema: Callable[[], dict[str, torch.Tensor]]):
         import torch.distributed as dist
 
         from megaclip.distributed import world
-        self.names, self.targets = names, targets
+        self.names, self.targets, self.ema = names, targets, ema
         self.own = own_addresses(students)
         self.world_size = world()[1]
         tables: list = [self.own]
@@ -62,15 +64,9 @@ class FragmentCopy:
         if short:
             raise RuntimeError(f"the ranks' fp32 fragments do not cover the teacher parameters "
                                f"{short[:3]} exactly once")
-        self.width = max(sum(n for _, _, n in table) for table in tables)
-        self.dtype, device = targets[0].dtype, targets[0].device
-        self.send = torch.zeros(self.width, dtype=self.dtype, device=device)
+        super().__init__(max(sum(n for _, _, n in table) for table in tables), targets[0].dtype,
+                         targets[0].device)
         self.bytes = sum(t.numel() * t.element_size() for t in targets)
-        self._stale, self._recv, self._work = True, None, None
-
-    # ------------------------------------------------------------------------ EMA <-> fragments
-    def own_names(self) -> list[str]:
-        return [self.names[i] for i, _, _ in self.own]
 
     def cut(self, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's fragments of whole tensors, by name."""
@@ -83,17 +79,23 @@ class FragmentCopy:
         every rank calls it and gets the result)."""
         import torch.distributed as dist
         send = torch.zeros(self.width, dtype=torch.float32, device=self.send.device)
-        self._pack(send, ema)
+        self._pack_values(send, ema)
         recv = send
         if self.world_size > 1:
             recv = torch.empty(self.world_size * self.width, dtype=torch.float32,
                                device=send.device)
             dist.all_gather_into_tensor(recv, send)
         whole = [torch.empty(t.shape, dtype=torch.float32) for t in self.targets]
-        self._unpack(recv.cpu(), whole)
+        self._unpack_into(recv.cpu(), whole)
         return dict(zip(self.names, whole))
 
-    def _pack(self, buffer: torch.Tensor, ema: dict[str, torch.Tensor]) -> None:
+    def _pack(self, send: torch.Tensor) -> None:
+        self._pack_values(send, self.ema())
+
+    def _unpack(self, recv: torch.Tensor) -> None:
+        self._unpack_into(recv, self.targets)
+
+    def _pack_values(self, buffer: torch.Tensor, ema: dict[str, torch.Tensor]) -> None:
         offset, views, values = 0, [], []
         for i, _, n in self.own:
             views.append(buffer[offset:offset + n])
@@ -102,7 +104,7 @@ class FragmentCopy:
         if views:
             torch._foreach_copy_(views, values)
 
-    def _unpack(self, recv: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    def _unpack_into(self, recv: torch.Tensor, targets: list[torch.Tensor]) -> None:
         views, values = [], []
         for r, table in enumerate(self.tables):
             offset = r * self.width
@@ -111,41 +113,3 @@ class FragmentCopy:
                 values.append(recv[offset:offset + n])
                 offset += n
         torch._foreach_copy_(views, values)
-
-    # ------------------------------------------------------------------------ the working copy
-    def stale(self) -> None:
-        """The EMA changed: a gather in flight carries old values and is dropped."""
-        if self._work is not None:
-            self._work.wait()
-        self._stale, self._recv, self._work = True, None, None
-
-    @torch.no_grad()
-    def start(self, ema: dict[str, torch.Tensor]) -> None:
-        """Start the all-gather of every rank's fragments (every rank, in the same order as its
-        other collectives)."""
-        if not self._stale or self._recv is not None:
-            return
-        import torch.distributed as dist
-        self._pack(self.send, ema)
-        if self.world_size == 1:
-            self._recv = self.send
-            return
-        self._recv = torch.empty(self.world_size * self.width, dtype=self.dtype,
-                                 device=self.send.device)
-        self._work = dist.all_gather_into_tensor(self._recv, self.send, async_op=True)
-
-    def settle(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-
-    @torch.no_grad()
-    def ready(self, ema: dict[str, torch.Tensor]) -> None:
-        """Wait for the gather (starting it if nobody did) and write it into the parameters."""
-        if not self._stale:
-            return
-        self.start(ema)
-        if self._work is not None:
-            self._work.wait()
-        self._unpack(self._recv, self.targets)
-        self._stale, self._recv, self._work = False, None, None

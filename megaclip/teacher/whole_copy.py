@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaclip.teacher.gathered_copy import GatheredCopy
+
 # Teacher state names -> the student's: the trunk, MaskCLIP's patch head ("head.", the name
 # checkpoints have always used) and SILC's head on the pooled token.
 PREFIXES = {"trunk": ("trunk.", "visual.trunk."), "distill_head": ("head.", "distill_head."),
             "global_head": ("global_head.", "global_head.")}
 
 
-class WholeCopy:
+class WholeCopy(GatheredCopy):
     """Whole working copies of a ZeRO-3 teacher's parameters, in plain modules of the same
     architecture, refreshed by one all-gather of every rank's working partitions.
 
@@ -34,49 +36,14 @@ class WholeCopy:
         self.sizes = [p.ds_tensor.numel() for p in self.parts]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.total = sum(self.sizes)
-        self.dtype, device = self.parts[0].ds_tensor.dtype, self.parts[0].ds_tensor.device
-        self.send = torch.empty(self.total, dtype=self.dtype, device=device)
+        super().__init__(self.total, self.parts[0].ds_tensor.dtype, self.parts[0].ds_tensor.device)
         self.send_views = [self.send[o:o + n] for o, n in zip(self.offsets, self.sizes)]
         self.bytes = sum(t.numel() * t.element_size() for t in self.targets)
-        self._stale, self._recv, self._work = True, None, None
 
-    def stale(self) -> None:
-        """The partitions changed: a gather in flight carries old values and is dropped."""
-        if self._work is not None:
-            self._work.wait()
-        self._stale, self._recv, self._work = True, None, None
-
-    @torch.no_grad()
-    def start(self) -> None:
-        """Start the all-gather (every rank, in the same order as its other collectives)."""
-        if not self._stale or self._recv is not None:
-            return
-        import torch.distributed as dist
-
-        from megaclip.distributed import world
+    def _pack(self, send: torch.Tensor) -> None:
         torch._foreach_copy_(self.send_views, [p.ds_tensor for p in self.parts])
-        ws = world()[1]
-        if ws == 1:
-            self._recv = self.send
-            return
-        self._recv = torch.empty(ws * self.total, dtype=self.dtype, device=self.send.device)
-        self._work = dist.all_gather_into_tensor(self._recv, self.send, async_op=True)
 
-    def settle(self) -> None:
-        """Wait for a gather in flight (before the process group goes away), keeping its result."""
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-
-    @torch.no_grad()
-    def ready(self) -> None:
-        """Wait for the gather (starting it if nobody did) and unpack it into the copies."""
-        if not self._stale:
-            return
-        self.start()
-        if self._work is not None:
-            self._work.wait()
-        rows = self._recv.view(-1, self.total)
+    def _unpack(self, recv: torch.Tensor) -> None:
+        rows = recv.view(-1, self.total)
         for t, o, n in zip(self.targets, self.offsets, self.sizes):
             t.copy_(rows[:, o:o + n].reshape(-1)[:t.numel()].view(t.shape))
-        self._stale, self._recv, self._work = False, None, None
