@@ -50,14 +50,20 @@ def tiny_wheel(folder, name="mcfake_pkg", version="1.0") -> str:
     return path
 
 
-def test_a_bare_machine_gets_what_it_lacks_from_the_wheelhouse_into_a_private_folder(tmp_path):
+def fake_wheelhouse(tmp_path):
+    """(a wheelhouse holding one tiny wheel and listing numpy too, a private target folder).
+    numpy is installed here already: it stays the interpreter's own, not reinstalled."""
     house, target = tmp_path / "wheels", tmp_path / "site"
     house.mkdir()
     tiny_wheel(str(house))
-    # numpy is listed but installed here already: it stays the interpreter's own, not reinstalled.
     (house / "wheelhouse.json").write_text(json.dumps(
         {"python": "3", "platform": "any", "torch": False,
          "packages": {"mcfake-pkg": "1.0", "numpy": "0.0.1"}}))
+    return house, target
+
+
+def test_a_bare_machine_gets_what_it_lacks_from_the_wheelhouse_into_a_private_folder(tmp_path):
+    house, target = fake_wheelhouse(tmp_path)
     code = ("import os, sys; from megaclip.install import ensure_modules; "
             f"print(ensure_modules(['mcfake_pkg', 'numpy'], {str(house)!r}, {str(target)!r})); "
             "import mcfake_pkg, subprocess; print('value', mcfake_pkg.VALUE); "

@@ -1,13 +1,12 @@
 """tools/wheelhouse.py: bad input is exit 2 naming it; pip's --platform widened to the manylinux
 tags a machine takes; an install from a folder with no network (a tiny hand-made wheel), into a
 private folder, only what the interpreter lacks. (A real build needs the registry: README.)"""
-import json
 import os
 import subprocess
 import sys
 
 from tests.conftest import ROOT, run_tool
-from tests.test_gpu_check import tiny_wheel
+from tests.test_gpu_check import fake_wheelhouse
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import wheelhouse  # noqa: E402
@@ -35,12 +34,7 @@ def test_platform_tags_cover_older_manylinux():
 
 
 def test_install_into_a_private_folder_only_what_is_missing(tmp_path):
-    house, target = tmp_path / "wheels", tmp_path / "site"
-    house.mkdir()
-    tiny_wheel(str(house))
-    (house / "wheelhouse.json").write_text(json.dumps(
-        {"python": "3", "platform": "any", "torch": False,
-         "packages": {"mcfake-pkg": "1.0", "numpy": "0.0.1"}}))
+    house, target = fake_wheelhouse(tmp_path)
     env = dict(os.environ, PIP_NO_INDEX="1")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "wheelhouse.py"), "install", "--from",
            str(house), "--target", str(target)]
