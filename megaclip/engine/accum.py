@@ -11,8 +11,9 @@ global batch. The other terms (distillation, MLM, local-global) stay per micro-b
 over them as without the option; the EMA teacher runs once per micro-batch as always.
 
 The towers draw no random numbers in their forward (no dropout, no drop path), so the cached
-features equal the fresh ones; a stochastic layer added to them would break that equality
-(open_clip has the same caveat).
+features equal the fresh ones (up to rounding: with MLM the fresh caption rows share a batch
+with the masked caption); a stochastic layer added to them would break that equality (open_clip
+has the same caveat).
 """
 from __future__ import annotations
 

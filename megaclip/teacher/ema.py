@@ -18,11 +18,12 @@ started right after the update (``prefetch``) and waited for at the next forward
 with no gathers at all. A larger teacher gathers one block at a time at every forward, like the
 student.
 
-At ZeRO stages 1-2 (and stage 0 in bf16) parameters are whole on every rank but DeepSpeed's
+At ZeRO stages 1-2 parameters are whole on every rank but DeepSpeed's
 optimiser cuts the fp32 masters over the ranks in flat buffers that do not line up with
 parameters: each rank keeps the EMA of its own fragments, and the whole working copy is
 refreshed by one all-gather per optimiser step (``fragments.py``). In fp32 at stage 0 (no
-DeepSpeed optimiser partitions) the EMA is whole on every rank, read from the parameters.
+DeepSpeed optimiser partitions) the EMA is whole on every rank, read from the parameters; bf16
+at stage 0 is refused (DeepSpeed's masters there are not linked to the parameters).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megaclip.errors import UserError
 from megaclip.teacher.fragments import FragmentCopy, holds_fragments
 from megaclip.teacher.whole_copy import PREFIXES, WholeCopy
 from megaclip.zero3 import gathered
@@ -70,6 +72,11 @@ class EmaTeacher:
         self.ema: dict[str, torch.Tensor] = {}
         self.whole = None
         self.fragments = None
+        if not (self.partitioned or self.fp32_training
+                or holds_fragments([s for _, _, s in self.pairs])):
+            raise UserError(f"an EMA teacher in {str(dtype).replace('torch.', '')} needs the "
+                            f"student's fp32 masters: use ZeRO stage 1, 2 or 3 (at stage 0 "
+                            f"DeepSpeed keeps them where megaclip does not read them)")
         if holds_fragments([s for _, _, s in self.pairs]):  # ZeRO 1-2: fp32 in fragments
             self.fragments = FragmentCopy([name for name, _, _ in self.pairs],
                                           [p.data for _, p, _ in self.pairs],
@@ -129,27 +136,37 @@ class EmaTeacher:
 
     @torch.no_grad()
     def init_from_student(self) -> None:
-        self.ema = {name: self._student_fp32(s).detach().float().clone()
+        device = self.pairs[0][1].device  # the teacher's (an offloaded master is on the CPU)
+        self.ema = {name: self._student_fp32(s).detach().to(device).float().clone()
                     for name, _, s in self._own_pairs()}
         self._refresh()
 
     @torch.no_grad()
     def update(self, momentum: float, measure: bool = False) -> Optional[torch.Tensor]:
         """ema = m * ema + (1 - m) * student (fp32), then refresh the working copy. With
-        ``measure``, also return the RMS of this update's change over this rank's EMA tensors
-        (0-dim, on their device; it costs one more read, so the trainer asks on log steps)."""
+        ``measure``, also return the RMS of this update's change (0-dim, on the teacher's
+        device; it costs one more read, so the trainer asks on log steps): over this rank's EMA
+        tensors, or, with fragments of uneven sizes, over the whole teacher (one small
+        all-reduce; every rank measures on the same steps)."""
         own = self._own_pairs()
         emas = [self.ema[name] for name, _, _ in own]
-        students = [self._student_fp32(s).float() for _, _, s in own]
+        students = [self._student_fp32(s).to(e.device, non_blocking=True).float()
+                    for (_, _, s), e in zip(own, emas)]
         rms = None
-        if measure and not emas:  # a rank holding no fragment of the teacher
-            rms = torch.zeros((), device=self.pairs[0][1].device)
-        if measure and emas:
-            norms = torch._foreach_norm(torch._foreach_sub(students, emas))
-            numel = sum(e.numel() for e in emas)
-            rms = (torch.stack(norms).square().sum() / max(1, numel)).sqrt() * (1 - momentum)
-        torch._foreach_mul_(emas, momentum)
-        torch._foreach_add_(emas, students, alpha=1 - momentum)
+        if measure:
+            device = self.pairs[0][1].device
+            sq = (torch.stack(torch._foreach_norm(torch._foreach_sub(students, emas))).square()
+                  .sum() if emas else torch.zeros((), device=device))
+            numel = torch.tensor(float(sum(e.numel() for e in emas)), device=device)
+            if self.fragments is not None and self.fragments.world_size > 1:
+                import torch.distributed as dist
+                both = torch.stack([sq, numel])
+                dist.all_reduce(both)
+                sq, numel = both[0], both[1]
+            rms = (sq / numel.clamp(min=1)).sqrt() * (1 - momentum)
+        if emas:  # (a rank may hold no fragment of the teacher)
+            torch._foreach_mul_(emas, momentum)
+            torch._foreach_add_(emas, students, alpha=1 - momentum)
         self._refresh()
         return rms
 
@@ -159,8 +176,9 @@ class EmaTeacher:
         return {k: v.detach().cpu().clone() for k, v in self.ema.items()}
 
     def whole_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole fp32 EMA, on the CPU: with fragments every rank's joined (a collective:
-        every rank calls it); with whole parameters this rank's. Not under ZeRO-3."""
+        """The whole fp32 EMA, on the CPU: with fragments every rank's joined on rank 0 (a
+        collective: every rank calls it, the others get an empty dict); with whole parameters
+        this rank's. Not under ZeRO-3."""
         if self.fragments is not None:
             return self.fragments.join_fp32(self.ema)
         return self.state_dict()

@@ -1,4 +1,4 @@
-"""The EMA teacher at ZeRO stages 1-2 (and bf16 at stage 0): each rank keeps the fp32 EMA of
+"""The EMA teacher at ZeRO stages 1-2: each rank keeps the fp32 EMA of
 its own fragment of the optimiser's fp32 masters, and the whole working copy is refreshed by one
 all-gather per optimiser step (docs/methods.md §4).
 
@@ -75,8 +75,9 @@ class FragmentCopy(GatheredCopy):
 
     @torch.no_grad()
     def join_fp32(self, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every rank's fp32 fragments joined into whole tensors, on the CPU (a collective:
-        every rank calls it and gets the result)."""
+        """Every rank's fp32 fragments joined into whole tensors, on rank 0's CPU (a
+        collective: every rank calls it; the others get an empty dict)."""
+        from megaclip.distributed import rank
         import torch.distributed as dist
         send = torch.zeros(self.width, dtype=torch.float32, device=self.send.device)
         self._pack_values(send, ema)
@@ -85,6 +86,8 @@ class FragmentCopy(GatheredCopy):
             recv = torch.empty(self.world_size * self.width, dtype=torch.float32,
                                device=send.device)
             dist.all_gather_into_tensor(recv, send)
+        if rank() != 0:
+            return {}
         whole = [torch.empty(t.shape, dtype=torch.float32) for t in self.targets]
         self._unpack_into(recv.cpu(), whole)
         return dict(zip(self.names, whole))

@@ -30,9 +30,13 @@ def unshard(shards: list[torch.Tensor], numel: int, shape: tuple) -> torch.Tenso
 
 def teacher_state(teacher) -> dict[str, torch.Tensor]:
     """What ``save_teacher`` writes for this rank: its fp32 shards under ZeRO-3, the whole fp32
-    EMA otherwise (joined from every rank's fragments at stages 1-2: a collective, so every
-    rank calls this at the same point, before the checkpoint's files are written)."""
-    return teacher.state_dict() if teacher.partitioned else teacher.whole_state_dict()
+    EMA on rank 0 otherwise (joined from every rank's fragments at stages 1-2: a collective, so
+    every rank calls this at the same point, before the checkpoint's files are written)."""
+    if teacher.partitioned:
+        return teacher.state_dict()
+    if teacher.fragments is None and world()[0] != 0:
+        return {}  # only rank 0 writes the whole EMA
+    return teacher.whole_state_dict()
 
 
 def save_teacher(tag_dir: str, teacher, state: dict[str, torch.Tensor]) -> None:

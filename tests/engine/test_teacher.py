@@ -137,3 +137,66 @@ def test_momentum_schedule_cosine_to_one_or_fixed():
     assert momentum_at(500, 1000, 0.996, 1.0) == pytest.approx(0.998)
     assert momentum_at(1000, 1000, 0.996, 1.0) == pytest.approx(1.0)
     assert momentum_at(700, 1000, 0.996, 0.996) == 0.996
+
+
+def _maskclip_tiny():
+    from megaclip.config import load_config
+    from megaclip.models import build_model, resolve_model_config
+    cfg = load_config(None, ["objective.preset=maskclip", "model.preset=tiny"])
+    mcfg = resolve_model_config(cfg.model, vocab_size=64)
+    return mcfg, cfg.objective, build_model(mcfg, cfg.objective, seed=0)
+
+
+def test_a_bf16_teacher_without_the_students_fp32_masters_is_refused():
+    """bf16 at ZeRO stage 0: DeepSpeed's fp32 masters are not linked to the parameters, and
+    blending the bf16 values would quietly lose the EMA's precision."""
+    from megaclip.errors import UserError
+    from megaclip.teacher.build import build_teacher_modules
+    from megaclip.teacher.ema import EmaTeacher
+    mcfg, obj, student = _maskclip_tiny()
+    student = student.to(torch.bfloat16)
+    trunk, heads = build_teacher_modules(mcfg, obj, None, torch.bfloat16)
+    with pytest.raises(UserError, match="needs the student's fp32 masters: use ZeRO stage 1, 2"):
+        EmaTeacher(student, trunk, heads, torch.bfloat16)
+
+
+class _Fragment:
+    """DeepSpeed's ``_hp_mapping`` of a parameter whose fp32 master fragment is ``hp``."""
+
+    def __init__(self, start, hp):
+        from deepspeed.utils.tensor_fragment import fragment_address
+        self.lp_fragment_address = fragment_address(start=start, numel=hp.numel())
+        self.hp = hp
+
+    def get_hp_fragment(self):
+        return self.hp
+
+
+def test_fragment_ema_blends_the_masters_and_a_rank_without_fragments_steps_too():
+    """One process standing for a rank of ZeRO 1-2: the EMA of each fragment moves towards its
+    fp32 master, the working parameters come back whole, and a rank that holds no fragment of
+    the teacher (the middle ranks of a large world hold text weights only) updates nothing and
+    measures 0 instead of failing."""
+    from megaclip.teacher.build import build_teacher_modules
+    from megaclip.teacher.ema import EmaTeacher
+    mcfg, obj, student = _maskclip_tiny()
+    masters = {}
+    for name, p in student.named_parameters():
+        masters[name] = p.detach().reshape(-1).clone() + 1.0  # "the fp32 master"
+        p._hp_mapping = _Fragment(0, masters[name])
+    trunk, heads = build_teacher_modules(mcfg, obj, None, torch.float32)
+    teacher = EmaTeacher(student, trunk, heads, torch.float32)
+    teacher.init_from_student()
+    assert teacher.fragments is not None
+    name, p, s = teacher.pairs[0]
+    start = teacher.ema[name].clone()
+    masters_s = s._hp_mapping.hp
+    masters_s.add_(1.0)
+    rms = teacher.update(0.9, measure=True)
+    torch.testing.assert_close(teacher.ema[name], 0.9 * start + 0.1 * masters_s)
+    assert float(rms) > 0
+    teacher.prefetch()
+    teacher.tokens(torch.randn(1, 3, mcfg.vision.image_size, mcfg.vision.image_size))
+    torch.testing.assert_close(p.reshape(-1), teacher.ema[name])  # the working copy, whole
+    teacher.fragments.own, teacher.ema = [], {}  # a rank holding none
+    assert float(teacher.update(0.9, measure=True)) == 0.0
