@@ -1,7 +1,7 @@
 """End to end through `deepspeed megaclip/train.py` at world size 2: damaged shards (cut inside a
 member, cut inside a header, a pipe command failing after some output, a shard deleted while the
 run goes on) are skipped, counted and named, and training finishes; a wrong caption key ends the
-run within a minute with a message naming what the samples hold."""
+run long before the loader's timeout with a message naming what the samples hold."""
 import json
 import os
 import subprocess
@@ -86,7 +86,9 @@ def test_a_wrong_caption_key_ends_the_run_with_the_keys_found(tmp_path, syntheti
     assert proc.returncode != 0
     assert "samples in a row could not be used (data.max_bad_samples_in_a_row)" in proc.stderr
     assert "no '.text' member; samples have: jpg, txt" in proc.stderr
-    assert elapsed < 60, f"took {elapsed:.0f} s"
+    # It ends as soon as max_bad_samples_in_a_row samples fail, not at the loader's 300 s
+    # timeout (the bound leaves room for a busy 2-core machine).
+    assert elapsed < 240, f"took {elapsed:.0f} s"
 
 
 @pytest.mark.distributed
