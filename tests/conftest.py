@@ -36,6 +36,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_prefix(ranks: int) -> list[str]:
+    """How a test starts ``megaclip/train.py`` on ``ranks`` CPU processes: one plain process,
+    or DeepSpeed's launcher on a free rendezvous port."""
+    if ranks == 1:
+        return [sys.executable, "-u"]
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
+            "--master_port", str(free_port())]
+
+
 def run_tool(name, *args, check=True, **kw):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
                           capture_output=True, text=True, cwd=ROOT, **kw)

@@ -14,7 +14,7 @@ import torch
 
 from megaclip.checkpoint.safe_load import FORCE, check_files, weights_only_loads
 from megaclip.errors import UserError
-from tests.conftest import ROOT, free_port, run_tool
+from tests.conftest import ROOT, launch_prefix, run_tool
 
 DEEPSPEED_FILES = ["zero_pp_rank_0_mp_rank_00_model_states.pt",
                    "zero_pp_rank_1_mp_rank_00_model_states.pt",
@@ -33,12 +33,7 @@ class Crafted:
 
 
 def _train(ranks, synthetic, out, *extra):
-    if ranks == 1:
-        launch = [sys.executable, "-u"]
-    else:
-        launch = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus",
-                  str(ranks), "--master_port", str(free_port())]
-    cmd = [*launch, "megaclip/train.py", "--deepspeed_config", "ds_configs/zero3_cpu.json",
+    cmd = [*launch_prefix(ranks), "megaclip/train.py", "--deepspeed_config", "ds_configs/zero3_cpu.json",
            "--config", "clip_tiny_synthetic",
            f"data.train_shards={synthetic}/train/shard-{{000000..000003}}.tar",
            f"data.tokenizer={synthetic}/spm.model", 'eval.shards=""', f"train.output_dir={out}",

@@ -14,16 +14,11 @@ from megaclip.checkpoint.io import consolidate
 from megaclip.teacher.state import consolidate_teacher
 from megaclip.data.shards import iter_shard
 from megaclip.make.writer import write_shards
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, launch_prefix
 
 
 def _command(ranks, synthetic, out, *extra):
-    if ranks == 1:
-        launch = [sys.executable, "-u"]
-    else:
-        launch = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus",
-                  str(ranks), "--master_port", str(free_port())]
-    return [*launch, "megaclip/train.py", "--deepspeed_config", "ds_configs/zero3_cpu.json",
+    return [*launch_prefix(ranks), "megaclip/train.py", "--deepspeed_config", "ds_configs/zero3_cpu.json",
             "--config", "clip_tiny_synthetic",
             f"data.train_shards={synthetic}/train/shard-{{000000..000003}}.tar",
             f"data.tokenizer={synthetic}/spm.model", 'eval.shards=""', f"train.output_dir={out}",
