@@ -23,6 +23,7 @@ from megaclip.objectives.config import (  # noqa: F401 - re-exported
     TeacherConfig, TextMlmConfig, objective_config_class, validate_objective)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+MODEL_ACTS = ("gelu", "quick_gelu", "gelu_tanh")  # timm's names (timm.layers.get_act_layer)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class VisionConfig:
     depth: Optional[int] = None
     heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
+    # A LayerNorm on the embedded tokens before the first block (CLIP's ln_pre): OpenAI CLIP and
+    # open_clip ViTs have it, and a transformers CLIPModel always does.
+    pre_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     grad_checkpointing: bool = True
+    # The blocks' MLP activation in both towers: gelu | quick_gelu (OpenAI CLIP's weights) |
+    # gelu_tanh (SigLIP's).
+    act: str = "gelu"
     # torch.compile each transformer block of both towers (in place). Under ZeRO-3 the graphs
     # break at DeepSpeed's hooks (inside the block, or its backward hook when it is a leaf);
     # tools/bench_objectives.py measures it.
@@ -334,6 +341,8 @@ def validate(cfg: Config) -> None:
             raise UserError(msg)
 
     validate_objective(cfg.objective, check)
+    check(cfg.model.act in MODEL_ACTS,
+          f"model.act must be one of {', '.join(MODEL_ACTS)}; got '{cfg.model.act}'")
     check(cfg.optim.impl in ("auto", "deepspeed_fused", "apex_fused", "torch_fused", "torch"),
           f"optim.impl must be one of auto, deepspeed_fused, apex_fused, torch_fused, torch; "
           f"got '{cfg.optim.impl}'")

@@ -281,14 +281,13 @@ def verify_timm(out: str, tag_dir: str, encoder: str) -> float:
     from megaclip.checkpoint.inference import checkpoint_config
     from megaclip.checkpoint.io import consolidate
     from megaclip.teacher.state import consolidate_teacher
-    from megaclip.models.vision import build_trunk
+    from megaclip.models.vision import trunk_for
     cfg = checkpoint_config(tag_dir)
     with open(os.path.join(out, "timm_vit.json")) as f:
         spec = json.load(f)
     model = timm.create_model(spec["arch"], **spec["kwargs"])
     model.load_state_dict(load_file(os.path.join(out, "timm_vit.safetensors")), strict=True)
-    v = cfg.model.vision
-    ours = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
+    ours = trunk_for(cfg.model)
     state = (convert.timm_vision(consolidate_teacher(tag_dir), teacher=True) if encoder == "teacher"
              else convert.timm_vision(consolidate(tag_dir, keep=lambda k: k.startswith(
                  convert.STUDENT_TRUNK))))

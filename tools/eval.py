@@ -138,10 +138,8 @@ def main(argv=None) -> int:
         trunk = None
         if args.encoder == "teacher":
             from megaclip.teacher.state import consolidate_teacher
-            from megaclip.models.vision import build_trunk
-            v = cfg.model.vision
-            trunk = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads,
-                                v.mlp_ratio).eval()
+            from megaclip.models.vision import trunk_for
+            trunk = trunk_for(cfg.model).eval()
             trunk.load_state_dict({k[len("trunk."):]: t for k, t in
                                    consolidate_teacher(args.checkpoint).items()
                                    if k.startswith("trunk.")})

@@ -34,6 +34,10 @@ def timm_create_kwargs(cfg: ModelConfig) -> tuple[str, dict]:
     known = key in TIMM_ARCHS and v.mlp_ratio == 4.0
     arch = TIMM_ARCHS[key] if known else "vit_base_patch16_224"
     kwargs = {"num_classes": 0, "img_size": v.image_size, "dynamic_img_size": True}
+    if v.pre_norm:
+        kwargs["pre_norm"] = True
+    if cfg.act != "gelu":
+        kwargs["act_layer"] = cfg.act
     if not known:
         kwargs.update(patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
                       num_heads=v.heads, mlp_ratio=v.mlp_ratio)
@@ -72,17 +76,20 @@ def split_safetensors_state(state: dict[str, torch.Tensor]
 
 def open_clip_model_config(cfg: ModelConfig, contrastive: str, eos_id: int, pad_id: int) -> dict:
     """An open_clip model config (``open_clip.add_model_config``) with megaclip's towers:
-    open_clip's own ViT (no pre-norm, class-token pooling, timm's LayerNorm eps) and its text
-    transformer pooled at the tokenizer's end-of-text id. open_clip gives every text norm one
-    eps: 1e-6, the blocks'; megaclip's final text norm has 1e-5, a difference of about 1e-6 in
-    the text embeddings."""
+    open_clip's own ViT (pre-norm as megaclip's, class-token pooling, timm's LayerNorm eps) and
+    its text transformer pooled at the tokenizer's end-of-text id. open_clip gives every text
+    norm one eps: 1e-6, the blocks'; megaclip's final text norm has 1e-5, a difference of about
+    1e-6 in the text embeddings. open_clip's blocks run GELU or QuickGELU, not tanh GELU."""
     v, t = cfg.vision, cfg.text
+    if cfg.act == "gelu_tanh":
+        raise ValueError("open_clip's own towers have no tanh GELU (model.act=gelu_tanh); "
+                         "export timm, safetensors or hf instead")
     out = {
         "embed_dim": cfg.embed_dim,
         "custom_text": True,
         "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
                        "layers": v.depth, "head_width": v.width // v.heads,
-                       "mlp_ratio": v.mlp_ratio, "no_ln_pre": True, "pool_type": "tok",
+                       "mlp_ratio": v.mlp_ratio, "no_ln_pre": not v.pre_norm, "pool_type": "tok",
                        "norm_kwargs": {"eps": 1e-6}},
         "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
                      "width": t.width, "heads": t.heads, "layers": t.depth,
@@ -90,6 +97,8 @@ def open_clip_model_config(cfg: ModelConfig, contrastive: str, eos_id: int, pad_
                      "pad_id": pad_id, "proj_bias": False,
                      "norm_kwargs": {"eps": 1e-6}},
     }
+    if cfg.act == "quick_gelu":
+        out["quick_gelu"] = True
     if contrastive == "siglip":
         out["init_logit_bias"] = -10.0
     return out
@@ -118,11 +127,13 @@ def _blocks_to_open_clip(state: dict, src: str, dst: str, depth: int) -> dict:
 def open_clip_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """A consolidated megaclip model state -> open_clip ``CustomTextCLIP`` state (strict).
 
-    The patch embedding's bias (timm has one, open_clip's conv has none) is folded into the
-    patch positions' embeddings, which adds the same vector to the same tokens."""
+    The patch embedding's bias (timm's ViT has one unless it has a pre-norm, as CLIP's; open_clip's
+    conv has none) is folded into the patch positions' embeddings, which adds the same vector to
+    the same tokens."""
     v, t = "visual.trunk.", "text."
     pos = state[v + "pos_embed"][0].clone()
-    pos[1:] += state[v + "patch_embed.proj.bias"]
+    if v + "patch_embed.proj.bias" in state:
+        pos[1:] += state[v + "patch_embed.proj.bias"]
     out = {
         "visual.conv1.weight": state[v + "patch_embed.proj.weight"],
         "visual.class_embedding": state[v + "cls_token"].reshape(-1),
@@ -140,6 +151,9 @@ def open_clip_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     }
     if "logit_bias" in state:
         out["logit_bias"] = state["logit_bias"].reshape(())
+    if cfg.vision.pre_norm:
+        out["visual.ln_pre.weight"] = state[v + "norm_pre.weight"]
+        out["visual.ln_pre.bias"] = state[v + "norm_pre.bias"]
     out.update(_blocks_to_open_clip(state, v, "visual.", cfg.vision.depth))
     out.update(_blocks_to_open_clip(state, t, "text.", cfg.text.depth))
     return {k: x.contiguous() for k, x in out.items()}

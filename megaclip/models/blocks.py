@@ -14,9 +14,16 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from timm.layers import get_act_layer
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def act_layer(name: str) -> type[nn.Module]:
+    """The MLP activation called ``name`` (``model.act``); torch's GELU for ``gelu``, as timm's
+    blocks use by default."""
+    return nn.GELU if name == "gelu" else get_act_layer(name)
 
 
 class MultiBlock(Block):

@@ -40,9 +40,9 @@ def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
     passes = objective.passes
     mlm = passes.masked_caption
     visual = VisionTower(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio,
-                         cfg.embed_dim)
+                         cfg.embed_dim, v.pre_norm, cfg.act)
     text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio,
-                     cfg.embed_dim, mask_embedding=mlm)
+                     cfg.embed_dim, mask_embedding=mlm, act=cfg.act)
     bias = objective.siglip_init_bias if objective.contrastive == "siglip" else None
     init_scale = cfg.init_logit_scale if objective.contrastive == "clip" else 10.0
     extras: dict[str, nn.Module] = {}

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megaclip.models.blocks import MultiBlock, run_blocks
+from megaclip.models.blocks import MultiBlock, act_layer, run_blocks
 
 
 class TextTower(nn.Module):
@@ -18,13 +18,15 @@ class TextTower(nn.Module):
     """
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, embed_dim: int, mask_embedding: bool = False):
+                 mlp_ratio: float, embed_dim: int, mask_embedding: bool = False,
+                 act: str = "gelu"):
         super().__init__()
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList(
-            [MultiBlock(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
+            [MultiBlock(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, act_layer=act_layer(act))
+             for _ in range(depth)])
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         # The learnable [MASK] input of masked language modelling (no vocabulary id needed).

@@ -17,7 +17,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from megaclip.models.blocks import MultiBlock, run_blocks
+from megaclip.config import ModelConfig
+from megaclip.models.blocks import MultiBlock, act_layer, run_blocks
 
 Pass = tuple[torch.Tensor, Optional[torch.Tensor]]  # (images (B, 3, H, W), kept patches (B, K))
 
@@ -51,10 +52,18 @@ class MaskableViT(VisionTransformer):
 
 
 def build_trunk(image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                mlp_ratio: float) -> MaskableViT:
+                mlp_ratio: float, pre_norm: bool = False, act: str = "gelu") -> MaskableViT:
     return MaskableViT(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
                        num_heads=heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="token",
-                       class_token=True, dynamic_img_size=True)
+                       class_token=True, dynamic_img_size=True, pre_norm=pre_norm,
+                       act_layer=act_layer(act))
+
+
+def trunk_for(cfg: ModelConfig) -> MaskableViT:
+    """The image trunk of a resolved model config (the student's, the teacher's, a probe's)."""
+    v = cfg.vision
+    return build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio,
+                       v.pre_norm, cfg.act)
 
 
 class VisionTower(nn.Module):
@@ -65,9 +74,10 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, embed_dim: int):
+                 mlp_ratio: float, embed_dim: int, pre_norm: bool = False, act: str = "gelu"):
         super().__init__()
-        self.trunk = build_trunk(image_size, patch_size, width, depth, heads, mlp_ratio)
+        self.trunk = build_trunk(image_size, patch_size, width, depth, heads, mlp_ratio, pre_norm,
+                                 act)
         self.proj = nn.Linear(width, embed_dim, bias=False)
 
     @property

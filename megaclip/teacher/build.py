@@ -10,7 +10,7 @@ from torch import nn
 from megaclip.config import ModelConfig, ObjectiveConfig
 from megaclip.models.build import teacher_heads
 from megaclip.models.towers import view_major
-from megaclip.models.vision import build_trunk
+from megaclip.models.vision import trunk_for
 from megaclip.teacher.ema import EmaTeacher
 from megaclip.zero3 import check_dtype, partitioned
 
@@ -22,9 +22,8 @@ def build_teacher_modules(cfg: ModelConfig, objective: ObjectiveConfig,
     ``global_head`` for SILC) with the student's architecture, created in the student's order
     and partitioned exactly like the student's under ZeRO-3. Their values are copied from the
     student, not drawn."""
-    v = cfg.vision
     with partitioned(zero3_config, dtype):
-        trunk = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
+        trunk = trunk_for(cfg)
         heads = teacher_heads(cfg, objective)
     if zero3_config is None:
         trunk, heads = trunk.to(dtype), {k: h.to(dtype) for k, h in heads.items()}

@@ -157,9 +157,10 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, synthetic, preset):
     model = timm.create_model(spec["arch"], pretrained=True, pretrained_cfg_overlay=dict(
         file=str(exported / "timm_vit.safetensors")), **spec["kwargs"]).eval()
     from megaclip.checkpoint.inference import checkpoint_config
-    from megaclip.models.vision import build_trunk
-    v = checkpoint_config(str(a / "checkpoints" / "step00000006")).model.vision
-    ours = build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio)
+    from megaclip.models.vision import trunk_for
+    model_cfg = checkpoint_config(str(a / "checkpoints" / "step00000006")).model
+    v = model_cfg.vision
+    ours = trunk_for(model_cfg)
     ours.load_state_dict({k[len("trunk."):]: t for k, t in ta.items() if k.startswith("trunk.")})
     images = torch.randn(3, 3, v.image_size, v.image_size)
     with torch.no_grad():
