@@ -111,7 +111,7 @@ class DataConfig:
     # Several captions per sample: member keys, or ``json:<field>`` (a field of the sample's
     # ``json`` member), with their probabilities ({txt: 0.7, "json:caption_2": 0.3}; a list
     # means equal ones). Each sample draws one from its own seed among those it has. Empty:
-    # caption_key alone.
+    # caption_key alone (which evaluation sets always read).
     caption_keys: CaptionKeys = ()
     # A weighted mixture of sources instead of train_shards (not both); each rank's stream
     # draws every sample's source by weight from seeded generators (megaclip/data/mixture.py).

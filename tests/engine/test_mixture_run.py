@@ -2,23 +2,23 @@
 synthetic set and a copy with other captions (txt and json fields, several caption keys), the
 copy finite (one epoch) with data.on_source_exhausted=stop. A run stopped after a checkpoint
 and resumed logs the same losses and per-source counters and ends at the same step, with the
-same parameters, as an uninterrupted one; a resume from that last checkpoint trains no
-further."""
+same parameters, as an uninterrupted one, and that last checkpoint records why training
+ended: a resume from it trains no further (unless the stream changed)."""
 import json
-import os
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megaclip.checkpoint.io import consolidate
+from megaclip.engine.trainer import Trainer
 from tests.conftest import ROOT, launch_prefix, synthetic_overrides
 from tests.data.recaption import recaption
 
 
 def train(out, synthetic, copy, *extra):
-    overrides = [o for o in synthetic_overrides(synthetic, out)
-                 if not o.startswith("data.train_shards")]
+    overrides = [*synthetic_overrides(synthetic, out), "data.train_shards="]
     sources = (f"data.sources=[{{name: shapes, shards: '{synthetic}/train/shard-{{000000..000003}}"
                f".tar', weight: 0.5}}, {{name: recaptioned, shards: '{copy}/shard-{{000000..000003}}"
                f".tar', weight: 0.5, resampled: false, epochs: 1, caption_keys: {{txt: 0.5, "
@@ -47,9 +47,10 @@ def test_a_mixture_resumes_exactly_counts_per_source_and_ends_with_its_source(
     a, b = tmp_path / "a", tmp_path / "b"
     log_a, err_a = train(a, synthetic, copy)
     ended = next(line for line in log_a.splitlines() if line.startswith("training ends after"))
-    last = int(ended.split()[3])
+    last = int(ended.split()[4])
     assert 3 < last < 12 and "source 'recaptioned' ran out for rank" in ended
-    assert "(data.on_source_exhausted=stop)" in err_a and "final zero-shot" in log_a
+    assert "the run stops after this step (data.on_source_exhausted=stop)" in err_a
+    assert "final zero-shot" in log_a
     train(b, synthetic, copy, "--stop_after_steps", "3")
     log_b, _ = train(b, synthetic, copy, "--resume", "auto")
     assert "resumed from step00000003 at step 3" in log_b and ended in log_b
@@ -71,6 +72,24 @@ def test_a_mixture_resumes_exactly_counts_per_source_and_ends_with_its_source(
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
-    log_c, _ = train(b, synthetic, copy, "--resume", "auto")
-    assert "nothing left to train: training ended at step" in log_c
-    assert not os.path.isdir(b / "checkpoints" / f"step{last + 1:08d}")
+    # The last checkpoint records why training ended: a resume from it trains no further.
+    notes = [torch.load(b / "checkpoints" / f"step{last:08d}" / "client" / f"rank{r:05d}.pt",
+                        weights_only=True)["data_ended"] for r in (0, 1)]
+    assert all(notes) and any(note in ended for note in notes)
+
+
+def test_a_resume_after_the_data_ran_out_trains_no_further_unless_the_stream_changed(capsys):
+    def trainer(ended, resumed, mode):
+        t = Trainer.__new__(Trainer)
+        t.state = SimpleNamespace(data_ended=ended, step=5)
+        t.run = SimpleNamespace(loader=SimpleNamespace(state=SimpleNamespace(resumed=resumed)))
+        t.cfg = SimpleNamespace(data=SimpleNamespace(on_source_exhausted=mode))
+        t.log = SimpleNamespace(text=print, close=lambda: None)
+        return t
+    done = trainer("source 'b' ran out for rank 0 worker 0 after 12 samples", True, "stop")
+    assert done._data_ran_out_before()
+    assert "nothing left to train: training ended at step 5 when source 'b' ran out" in \
+        capsys.readouterr().out
+    for ended, resumed, mode in (("", True, "stop"), ("x", False, "stop"), ("x", True, "drop")):
+        t = trainer(ended, resumed, mode)
+        assert not t._data_ran_out_before() and t.state.data_ended == ""
