@@ -52,6 +52,7 @@ class Source:
 
 
 def global_captions(cfg: DataConfig) -> tuple:
+    """The caption keys of a source that names none: data.caption_keys, else data.caption_key."""
     return cfg.caption_keys or ((cfg.caption_key, 1.0),)
 
 
