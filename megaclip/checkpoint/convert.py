@@ -180,3 +180,145 @@ def tokenize(texts, context_length=CONTEXT_LENGTH):
         out[i, : len(seq)] = torch.tensor(seq)
     return out
 '''
+
+
+# --------------------------------------------------------------------------- transformers
+
+HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+HF_SKIP = ("text.mask_embedding", "patch_decoder.", "distill_head.", "global_head.",
+           "text_decoder.")  # student-side modules of the objectives, not of the two towers
+_HF_BLOCK = {"norm1.": "layer_norm1.", "norm2.": "layer_norm2.", "attn.proj.": "self_attn.out_proj.",
+             "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The transformers class that holds the resolved model ``cfg`` exactly: ``CLIPModel``; a
+    ValueError naming the option and the formats that do work for a model it cannot hold."""
+    if not cfg.vision.pre_norm:
+        raise ValueError(
+            "transformers' CLIPModel always applies a LayerNorm to the image tokens before the "
+            "first block (pre_layrnorm), which this model does not have (model.vision.pre_norm="
+            "false, the default), and no LayerNorm can be the identity: export it as timm, "
+            "open_clip or safetensors, or train with model.vision.pre_norm=true for the hf format")
+    return "CLIPModel"
+
+
+def hf_token_order(vocab_size: int, eos_id: int) -> Optional[list[int]]:
+    """The exported id of each megaclip token id, or None where they are the same.
+
+    transformers' CLIPTextModel pools at the first end-of-text id, except when its
+    ``eos_token_id`` is 2 (SentencePiece's default): then it keeps a legacy rule, the position of
+    the largest id. An end-of-text id 2 is therefore swapped with the last id, in the token
+    embedding and the tokenizer's vocabulary alike; both rules then find it."""
+    if eos_id != 2 or vocab_size <= 3:
+        return None
+    order = list(range(vocab_size))
+    order[eos_id], order[-1] = order[-1], order[eos_id]
+    return order
+
+
+def _permute_rows(weight: torch.Tensor, order: Optional[list[int]]) -> torch.Tensor:
+    if order is None:
+        return weight
+    out = torch.empty_like(weight)
+    out[torch.tensor(order)] = weight
+    return out
+
+
+def hf_clip_config(cfg: ModelConfig, contrastive: str, ids: dict[str, int],
+                   logit_scale: float, logit_bias: Optional[float] = None) -> dict:
+    """The keyword arguments of transformers' ``CLIPConfig`` for the resolved model ``cfg``.
+    ``ids``: the exported bos, eos and pad ids. One LayerNorm eps per tower: 1e-6, as every norm
+    of megaclip's but its final text norm (1e-5), a difference of about 1e-6 in the text
+    embeddings. A SigLIP run's bias is recorded under ``megaclip`` (CLIPModel has none)."""
+    v, t = cfg.vision, cfg.text
+    act = HF_ACTS[cfg.act]
+    out = {
+        "architectures": ["CLIPModel"], "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": logit_scale,
+        "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width,
+                        "intermediate_size": int(t.width * t.mlp_ratio),
+                        "projection_dim": cfg.embed_dim, "num_hidden_layers": t.depth,
+                        "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+                        "hidden_act": act, "layer_norm_eps": 1e-6,
+                        "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+                        "pad_token_id": ids["pad"]},
+        "vision_config": {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
+                          "projection_dim": cfg.embed_dim, "num_hidden_layers": v.depth,
+                          "num_attention_heads": v.heads, "image_size": v.image_size,
+                          "patch_size": v.patch_size, "num_channels": 3, "hidden_act": act,
+                          "layer_norm_eps": 1e-6},
+        "megaclip": {"contrastive": contrastive},
+    }
+    if logit_bias is not None:
+        out["megaclip"]["logit_bias"] = logit_bias
+    return out
+
+
+def _hf_blocks(state: dict, src: str, dst: str, depth: int, used: set) -> dict:
+    """timm ``Block`` i under ``src`` -> transformers ``CLIPEncoderLayer`` (or Siglip's) i under
+    ``dst``: the fused qkv split into q, k and v (timm's order). Adds the keys read to ``used``."""
+    out = {}
+    for i in range(depth):
+        prefix, to = f"{src}blocks.{i}.", f"{dst}encoder.layers.{i}."
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            used.add(key)
+            if rest.startswith("attn.qkv."):
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{to}self_attn.{name}_proj.{rest[len('attn.qkv.'):]}"] = part
+                continue
+            mapped = next((new + rest[len(old):] for old, new in _HF_BLOCK.items()
+                           if rest.startswith(old)), None)
+            if mapped is None:
+                raise KeyError(f"no transformers name for {key}")
+            out[to + mapped] = value
+    return out
+
+
+def _check_consumed(state: dict, used: set, prefixes: tuple) -> None:
+    left = sorted(k for k in state if k.startswith(prefixes) and not k.startswith(HF_SKIP)
+                  and k not in used)
+    if left:
+        raise KeyError(f"{len(left)} tensors have no transformers name: {left[:5]}")
+
+
+def hf_clip_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                  order: Optional[list[int]] = None) -> dict[str, torch.Tensor]:
+    """A consolidated megaclip model state -> transformers ``CLIPModel`` state (strict), the
+    token embedding's rows in the exported order (``hf_token_order``). The patch embedding's
+    bias, if any, is folded into the patch positions' embeddings (the same vector added to the
+    same tokens), as for open_clip; the temperature is clamped as megaclip's forward does."""
+    hf_architecture(cfg)
+    v, t = "visual.trunk.", "text."
+    pos = state[v + "pos_embed"][0].clone()
+    used = {v + "pos_embed", v + "patch_embed.proj.bias"}
+    if v + "patch_embed.proj.bias" in state:
+        pos[1:] += state[v + "patch_embed.proj.bias"]
+    names = {
+        "vision_model.embeddings.class_embedding": (v + "cls_token", lambda x: x.reshape(-1)),
+        "vision_model.embeddings.patch_embedding.weight": (v + "patch_embed.proj.weight", None),
+        "vision_model.pre_layrnorm.weight": (v + "norm_pre.weight", None),
+        "vision_model.pre_layrnorm.bias": (v + "norm_pre.bias", None),
+        "vision_model.post_layernorm.weight": (v + "norm.weight", None),
+        "vision_model.post_layernorm.bias": (v + "norm.bias", None),
+        "visual_projection.weight": ("visual.proj.weight", None),
+        "text_model.embeddings.token_embedding.weight": (
+            t + "token_embedding.weight", lambda x: _permute_rows(x, order)),
+        "text_model.embeddings.position_embedding.weight": (t + "positional_embedding", None),
+        "text_model.final_layer_norm.weight": (t + "ln_final.weight", None),
+        "text_model.final_layer_norm.bias": (t + "ln_final.bias", None),
+        "text_projection.weight": (t + "proj.weight", None),
+    }
+    out = {"vision_model.embeddings.position_embedding.weight": pos,
+           "logit_scale": state["logit_scale"].reshape(()).clamp(max=math.log(cfg.max_logit_scale))}
+    used.update({"logit_scale", "logit_bias"})
+    for name, (key, fn) in names.items():
+        out[name] = fn(state[key]) if fn else state[key]
+        used.add(key)
+    for src, dst, depth in ((v, "vision_model.", cfg.vision.depth), (t, "text_model.", cfg.text.depth)):
+        out.update(_hf_blocks(state, src, dst, depth, used))
+    _check_consumed(state, used, ("visual.", "text."))
+    return {k: x.contiguous() for k, x in out.items()}
