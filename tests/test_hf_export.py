@@ -1,6 +1,8 @@
-"""The transformers export: CLIPModel (and its tokenizer) give megaclip's embeddings and token ids,
-an end-of-text id 2 is moved off transformers' legacy pooling, a model without CLIP's pre-norm is
-refused, and a 2-rank ZeRO-3 checkpoint goes through tools/convert_checkpoint.py --formats hf."""
+"""The transformers export: CLIPModel, and SiglipModel for SigLIP's towers, with their tokenizer,
+give megaclip's embeddings, logits and token ids; an end-of-text id 2 is moved off transformers'
+legacy pooling; a model without CLIP's pre-norm is refused; checkpoints of a 2-rank ZeRO-3 CLIP
+run and a SigLIP run go through tools/convert_checkpoint.py --formats hf."""
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +15,7 @@ import torch
 
 from megaclip.checkpoint import convert
 from megaclip.checkpoint.hf_tokenizer import hf_tokenizer, special_ids
-from megaclip.config import ModelConfig, ObjectiveConfig, VisionConfig
+from megaclip.config import ModelConfig, ObjectiveConfig, TextConfig, VisionConfig
 from megaclip.data.tokenizer import Tokenizer, train_sentencepiece
 from megaclip.models import build_model, resolve_model_config
 from tests.conftest import ROOT, launch_prefix, run_tool
@@ -50,12 +52,15 @@ def hf_folder(tmp_path, spm_path, cfg, model, contrastive="clip"):
     with open(spm_path, "rb") as f:
         spm_model = f.read()
     ids = special_ids(spm_model)
-    order = convert.hf_token_order(cfg.text.vocab_size, ids["eos"])
+    order = (convert.hf_token_order(cfg.text.vocab_size, ids["eos"])
+             if convert.hf_architecture(cfg) == "CLIPModel" else None)
     exported = {k: (order[i] if order else i) for k, i in ids.items()}
-    kwargs = convert.hf_clip_config(cfg, contrastive, exported, 2.0)
-    hf = transformers.CLIPModel(transformers.CLIPConfig(**kwargs)).eval()
-    hf.load_state_dict(convert.hf_clip_state(model.state_dict(), cfg, order), strict=True)
-    text, tok_config = hf_tokenizer(spm_model, cfg.text.context_length, order)
+    arch = convert.hf_architecture(cfg)
+    kwargs = convert.hf_config(cfg, contrastive, exported, 2.0)
+    hf = getattr(transformers, arch)(getattr(transformers, arch[:-5] + "Config")(**kwargs)).eval()
+    hf.load_state_dict(convert.hf_state(model.state_dict(), cfg, order), strict=True)
+    names = ("input_ids",) if arch == "SiglipModel" else ("input_ids", "attention_mask")
+    text, tok_config = hf_tokenizer(spm_model, cfg.text.context_length, order, names)
     out = tmp_path / "hf"
     out.mkdir()
     (out / "tokenizer.json").write_text(text)
@@ -85,6 +90,72 @@ def test_clip_model_and_tokenizer_match_megaclip(tmp_path, synthetic, spm_source
     torch.testing.assert_close(theirs.image_embeds, ours["image_features"], rtol=0, atol=1e-5)
     # transformers' final text norm has the blocks' eps (1e-6), megaclip's 1e-5
     torch.testing.assert_close(theirs.text_embeds, ours["text_features"], rtol=0, atol=1e-4)
+    # a SigLIP loss on CLIP's towers: CLIPModel has no bias, the config records it
+    ids = {"bos": 2, "eos": 3, "pad": 0}
+    assert convert.hf_config(cfg, "siglip", ids, 2.0, -10.0)["megaclip"] == {
+        "contrastive": "siglip", "logit_bias": -10.0}
+
+
+SIGLIP_TOWERS = dict(vision=VisionConfig(pool="map"),
+                     text=TextConfig(causal=False, pool="last", proj_bias=True))
+
+
+def test_siglip_towers_match_a_transformers_siglip_model_and_timm(tmp_path):
+    import timm
+    spm_path = default_spm(tmp_path)  # eos 2: nothing to move, SigLIP pools at the last position
+    tok = Tokenizer(spm_path, 32)
+    cfg, model = tiny(tok.vocab_size, ObjectiveConfig(contrastive="siglip"), act="gelu_tanh",
+                      **SIGLIP_TOWERS)
+    assert model.visual.trunk.cls_token is None and model.visual.proj is None
+    assert model.text.proj.bias is not None
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.0)
+    hf, hf_tok, order = hf_folder(tmp_path, spm_path, cfg, model, "siglip")
+    assert type(hf).__name__ == "SiglipModel" and order is None
+    tokens, eot = tok.encode(CAPTIONS)
+    inputs = hf_tok(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
+    assert list(inputs) == ["input_ids"] and torch.equal(inputs["input_ids"], tokens)
+    images = torch.randn(len(CAPTIONS), 3, 64, 64)
+    with torch.no_grad():
+        ours = model(images=images, tokens=tokens, eot=eot)
+        theirs = hf(pixel_values=images, **inputs)
+        torch.testing.assert_close(theirs.image_embeds, ours["image_features"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs.text_embeds, ours["text_features"], rtol=0, atol=1e-4)
+        logits = (ours["logit_scale"] * ours["text_features"] @ ours["image_features"].T
+                  + ours["logit_bias"])
+        torch.testing.assert_close(theirs.logits_per_text, logits, rtol=0, atol=1e-3)
+        # timm's SigLIP ViT (no class token, attention pooling) holds the image trunk as well
+        arch, kwargs = convert.timm_create_kwargs(cfg)
+        vit = timm.create_model(arch, **kwargs).eval()
+        vit.load_state_dict(convert.timm_vision(model.state_dict()), strict=True)
+        torch.testing.assert_close(vit(images), model.visual(images)[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="open_clip export holds CLIP's towers"):
+        convert.open_clip_model_config(dataclasses.replace(cfg, act="gelu"), "siglip", 2, 2)
+
+
+def test_siglip_towers_serve_the_contrastive_objectives_alone():
+    from megaclip.config import load_config
+    from megaclip.errors import UserError
+    towers = ["model.vision.pool=map", "model.text.causal=false", "model.text.pool=last",
+              "model.text.proj_bias=true"]
+    cfg = load_config("clip_tiny_synthetic", towers + ["objective.contrastive=siglip"])
+    assert cfg.model.vision.pool == "map" and not cfg.model.text.causal
+    with pytest.raises(UserError, match="model.vision.pool=map has no class token, which "
+                                        "objective.preset 'maskclip' reads"):
+        load_config("clip_tiny_synthetic", towers + ["objective.preset=maskclip"])
+    with pytest.raises(UserError, match="set eval.probes=false"):
+        load_config("clip_tiny_synthetic", towers + ["eval.probes=true"])
+    with pytest.raises(UserError, match="model.vision.pool must be token or map"):
+        load_config(None, ["model.vision.pool=avg"])
+    with pytest.raises(UserError, match=r"model.embed_dim \(64\) must be model.vision.width"):
+        resolve_model_config(ModelConfig(preset="tiny", embed_dim=64, vision=VisionConfig(
+            pool="map")), vocab_size=64)
+    # SigLIP's towers with CLIP's pre-norm, or half of them, have no transformers class
+    for kw in (dict(vision=VisionConfig(pool="map", pre_norm=True), text=SIGLIP_TOWERS["text"]),
+               dict(vision=VisionConfig(pre_norm=True), text=SIGLIP_TOWERS["text"])):
+        cfg = resolve_model_config(ModelConfig(preset="tiny", **kw), vocab_size=64)
+        with pytest.raises(ValueError, match="export it as timm or safetensors"):
+            convert.hf_architecture(cfg)
 
 
 def test_a_model_without_pre_norm_is_refused():
@@ -92,6 +163,12 @@ def test_a_model_without_pre_norm_is_refused():
     with pytest.raises(ValueError, match="model.vision.pre_norm=true") as e:
         convert.hf_architecture(cfg)
     assert "timm, open_clip or safetensors" in str(e.value)
+
+
+def test_training_never_imports_transformers():
+    code = ("import sys; import megaclip.engine.trainer, megaclip.checkpoint.hf_export, "
+            "megaclip.checkpoint.hf_tokenizer; assert 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def _train(ranks, synthetic, out, *extra):
@@ -108,9 +185,11 @@ def _train(ranks, synthetic, out, *extra):
 
 
 def _export(run, out, *extra):
-    """tools/convert_checkpoint.py --formats hf --verify, offline; the difference it printed."""
-    proc = run_tool("convert_checkpoint.py", str(run), "--out", str(out), "--formats", "hf",
-                    "--verify", *extra, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """tools/convert_checkpoint.py --verify (--formats hf unless ``extra`` names them), offline;
+    the difference it printed for hf."""
+    formats = [] if "--formats" in extra else ["--formats", "hf"]
+    proc = run_tool("convert_checkpoint.py", str(run), "--out", str(out), *formats, "--verify",
+                    *extra, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     found = re.search(r"verify hf: largest absolute difference (\S+) \(ok", proc.stdout)
     assert found, proc.stdout + proc.stderr
     return float(found.group(1)), proc.stdout
@@ -141,7 +220,7 @@ def _as_a_user_loads_it(folder, tag, cls_name):
 def test_a_two_rank_zero3_checkpoint_loads_as_a_transformers_clip_model(tmp_path, synthetic):
     tag = _train(2, synthetic, tmp_path / "run", "model.vision.pre_norm=true")
     diff, log = _export(tmp_path / "run", tmp_path / "exported")
-    assert diff < 1e-4 and "verify hf: token ids equal megaclip's" in log
+    assert diff < 1e-4 and "verify hf: CLIPModel, token ids equal megaclip's" in log
     assert "transformers.CLIPModel.from_pretrained" in log
     _as_a_user_loads_it(tmp_path / "exported" / "hf", tag, "CLIPModel")
     # The same checkpoint as if trained without the pre-norm: refused before anything is written.
@@ -154,3 +233,23 @@ def test_a_two_rank_zero3_checkpoint_loads_as_a_transformers_clip_model(tmp_path
     assert proc.returncode == 2 and "model.vision.pre_norm=true" in proc.stderr, proc.stderr
     assert "timm, open_clip or safetensors" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+def test_a_siglip_run_loads_as_a_transformers_siglip_model(tmp_path, synthetic):
+    """SigLIP's towers and loss, trained (one rank) with the in-training evaluation, which has no
+    class token to draw patch maps from; exported with its scale and bias, and to timm."""
+    tag = _train(1, synthetic, tmp_path / "run", "objective.contrastive=siglip",
+                 "model.vision.pool=map", "model.text.causal=false", "model.text.pool=last",
+                 "model.text.proj_bias=true", "model.act=gelu_tanh",
+                 f"eval.shards={synthetic}/eval/shard-000000.tar",
+                 f"eval.classes={synthetic}/eval/classes.json")
+    assert (tmp_path / "run" / "eval_step00000002.json").exists()
+    diff, log = _export(tmp_path / "run", tmp_path / "exported", "--formats", "hf,timm")
+    assert diff < 1e-4 and "verify hf: SiglipModel, token ids equal megaclip's" in log
+    assert re.search(r"verify timm \(student\): largest absolute difference \S+ \(ok", log)
+    model, ours, theirs = _as_a_user_loads_it(tmp_path / "exported" / "hf", tag, "SiglipModel")
+    logits = (ours["logit_scale"] * ours["text_features"] @ ours["image_features"].T
+              + ours["logit_bias"])
+    torch.testing.assert_close(theirs.logits_per_text, logits, rtol=0, atol=1e-4)
+    assert float(model.logit_bias.detach()) == float(ours["logit_bias"]) != 0

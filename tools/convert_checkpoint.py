@@ -11,8 +11,8 @@
                written to timm_vit.json
   hf           a transformers folder hf/ (config.json, model.safetensors, tokenizer.json): CLIPModel
                for a model with model.vision.pre_norm=true (transformers' CLIP always has that
-               LayerNorm; without it the format is refused), with a tokenizer that gives
-               megaclip's token ids
+               LayerNorm; without it the format is refused), SiglipModel for SigLIP's towers
+               (model.vision.pool=map ...), with a tokenizer that gives megaclip's token ids
 
 The shards are read lazily: memory holds one copy of what is written at a time. --verify loads
 each output in its library, embeds a random batch there and in megaclip, prints the largest
@@ -114,6 +114,12 @@ def main(argv=None) -> int:
     if "hf" in formats:
         from megaclip.checkpoint.hf_export import hf_architecture
         hf_architecture(cfg)  # refused before anything is read or written
+    if "open_clip" in formats:
+        from megaclip.checkpoint.convert import open_clip_model_config
+        try:
+            open_clip_model_config(cfg.model, cfg.objective.contrastive, eos_id=0, pad_id=0)
+        except ValueError as e:
+            raise UserError(f"--formats open_clip: {e}") from None
     if "open_clip" in formats or "hf" in formats:
         check_export_tokenizer(tag_dir, cfg)
     print(f"converting {tag_dir} ({cfg.model.preset}, objective {cfg.objective.preset})")
@@ -317,7 +323,9 @@ def verify_timm(out: str, tag_dir: str, encoder: str) -> float:
     ours.load_state_dict(state, strict=True)
     images = _probe(cfg)[0]
     with torch.no_grad():
-        return float((model.eval()(images) - ours.eval()(images)[:, 0]).abs().max())
+        tokens = ours.eval()(images)
+        pooled = ours.attn_pool(tokens) if ours.attn_pool is not None else tokens[:, 0]
+        return float((model.eval()(images) - pooled).abs().max())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The transformers export of a checkpoint: a folder that ``CLIPModel.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` load offline, no custom code (``convert.py`` holds the
-conversions, ``hf_tokenizer.py`` the tokenizer), and its verification against megaclip."""
+"""The transformers export of a checkpoint: a folder that ``CLIPModel.from_pretrained`` (or
+``SiglipModel``'s, for SigLIP's towers) and ``AutoTokenizer.from_pretrained`` load offline, no
+custom code (``convert.py`` holds the conversions, ``hf_tokenizer.py`` the tokenizer), and its
+verification against megaclip."""
 from __future__ import annotations
 
 import json
@@ -42,18 +43,25 @@ def export_hf(out: str, tag_dir: str, cfg, shown: str = "") -> list[str]:
     with open(cfg.data.tokenizer, "rb") as f:
         spm_model = f.read()
     ids = special_ids(spm_model)
-    order = convert.hf_token_order(cfg.model.text.vocab_size, ids["eos"])
+    # SigLIP's text tower pools at the last position: no end-of-text id to move
+    order = (convert.hf_token_order(cfg.model.text.vocab_size, ids["eos"])
+             if arch == "CLIPModel" else None)
     exported = {k: (order[i] if order else i) for k, i in ids.items()}
     state = consolidate(tag_dir, keep=lambda k: not k.startswith(convert.HF_SKIP))
-    scale = float(state["logit_scale"].reshape(()).clamp(max=math.log(cfg.model.max_logit_scale)))
-    bias = float(state["logit_bias"].reshape(())) if "logit_bias" in state else None
-    kwargs = convert.hf_clip_config(cfg.model, cfg.objective.contrastive, exported, scale, bias)
-    weights = convert.hf_clip_state(state, cfg.model, order)
+    scale = float(state["logit_scale"].detach().reshape(()).clamp(
+        max=math.log(cfg.model.max_logit_scale)))
+    bias = float(state["logit_bias"].detach().reshape(())) if "logit_bias" in state else None
+    kwargs = convert.hf_config(cfg.model, cfg.objective.contrastive, exported, scale, bias)
+    weights = convert.hf_state(state, cfg.model, order)
     del state
-    getattr(transformers, arch.replace("Model", "Config"))(**kwargs).save_pretrained(out)
+    # the whole config: transformers' diff against a default one warns about the default's ids
+    getattr(transformers, arch.replace("Model", "Config"))(**kwargs).to_json_file(
+        os.path.join(out, "config.json"), use_diff=False)
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     del weights
-    text, tok_config = hf_tokenizer(spm_model, cfg.model.text.context_length, order)
+    # SigLIP's text tower attends to every position, padding included, as megaclip's does
+    names = ("input_ids",) if arch == "SiglipModel" else ("input_ids", "attention_mask")
+    text, tok_config = hf_tokenizer(spm_model, cfg.model.text.context_length, order, names)
     with open(os.path.join(out, "tokenizer.json"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
@@ -72,7 +80,8 @@ def export_hf(out: str, tag_dir: str, cfg, shown: str = "") -> list[str]:
 def verify_hf(out: str, tag_dir: str) -> float:
     """transformers' model and tokenizer from ``out`` against megaclip: the token ids of a few
     captions (inf unless megaclip's, in the exported order), then the normalised image and text
-    embeddings of random pixels and those captions; prints both tower's differences."""
+    embeddings of random pixels and those captions and their logits (SigLIP's with the bias);
+    prints each difference, returns the largest."""
     _offline()
     import torch
     import transformers
@@ -90,7 +99,8 @@ def verify_hf(out: str, tag_dir: str) -> float:
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     tok = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
     tokens, eot = tok.encode(VERIFY_CAPTIONS)
-    order = convert.hf_token_order(cfg.model.text.vocab_size, tok.eos_id)
+    order = (convert.hf_token_order(cfg.model.text.vocab_size, tok.eos_id)
+             if arch == "CLIPModel" else None)
     expected = torch.tensor(order)[tokens] if order else tokens
     inputs = hf_tok(VERIFY_CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
     if not torch.equal(inputs["input_ids"], expected):
@@ -102,9 +112,14 @@ def verify_hf(out: str, tag_dir: str) -> float:
     with torch.no_grad():
         ours = reference(images=images, tokens=tokens, eot=eot)
         theirs = model.eval()(pixel_values=images, **inputs)
+        logits = ours["logit_scale"] * ours["text_features"] @ ours["image_features"].T
+        if arch == "SiglipModel" and "logit_bias" in ours:
+            logits = logits + ours["logit_bias"]
     image = float((ours["image_features"] - theirs.image_embeds).abs().max())
     text = float((ours["text_features"] - theirs.text_embeds).abs().max())
-    print(f"verify hf: token ids equal megaclip's; largest difference image {image:.3g}, text "
-          f"{text:.3g} (transformers gives the final text LayerNorm its blocks' eps 1e-6, "
-          f"megaclip 1e-5)")
-    return max(image, text)
+    # in embedding units: the scale (up to 100) multiplies the embeddings' difference
+    logit = float((logits - theirs.logits_per_text).abs().max() / ours["logit_scale"])
+    print(f"verify hf: {arch}, token ids equal megaclip's; largest difference image {image:.3g}, "
+          f"text {text:.3g} (transformers gives the final text LayerNorm its blocks' eps 1e-6, "
+          f"megaclip 1e-5), logits / scale {logit:.3g}")
+    return max(image, text, logit)
