@@ -252,4 +252,4 @@ def test_a_siglip_run_loads_as_a_transformers_siglip_model(tmp_path, synthetic):
     logits = (ours["logit_scale"] * ours["text_features"] @ ours["image_features"].T
               + ours["logit_bias"])
     torch.testing.assert_close(theirs.logits_per_text, logits, rtol=0, atol=1e-4)
-    assert float(model.logit_bias.detach()) == float(ours["logit_bias"]) != 0
+    assert float(model.logit_bias.detach()) == float(ours["logit_bias"].detach()) != 0
