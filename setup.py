@@ -23,5 +23,9 @@ setup(
     ],
     # NVIDIA apex is optional and built from source on GPU clusters; the registry package
     # named "apex" is an unrelated project and must never be installed.
-    extras_require={"test": ["pytest>=8", "pytest-timeout", "open_clip_torch>=2.24"]},
+    # transformers only for the hf export (tools/convert_checkpoint.py --formats hf), imported
+    # there alone: training never needs it.
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "open_clip_torch>=2.24",
+                             "transformers==5.25.0"],
+                    "hf": ["transformers==5.25.0"]},
 )

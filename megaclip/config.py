@@ -40,6 +40,9 @@ class VisionConfig:
     # A LayerNorm on the embedded tokens before the first block (CLIP's ln_pre): OpenAI CLIP and
     # open_clip ViTs have it, and a transformers CLIPModel always does.
     pre_norm: bool = False
+    # token: the class token, projected (CLIP's); map: SigLIP's attention pooling, no class token
+    # and no projection (embed_dim = width), for the contrastive objectives alone.
+    pool: str = "token"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class TextConfig:
     depth: Optional[int] = None
     heads: Optional[int] = None
     mlp_ratio: float = 4.0
+    # CLIP's: causal, feature at the end of text, no projection bias. SigLIP's: causal=false,
+    # pool=last (the last position, padding included), proj_bias=true.
+    causal: bool = True
+    pool: str = "eot"  # eot | last
+    proj_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -366,6 +374,7 @@ def validate(cfg: Config) -> None:
     check(cfg.model.act in MODEL_ACTS,
           f"model.act must be one of {', '.join(MODEL_ACTS)}; got '{cfg.model.act}'")
     validate_data_sources(cfg.data, check)
+    validate_towers(cfg, check)
     check(cfg.optim.impl in ("auto", "deepspeed_fused", "apex_fused", "torch_fused", "torch"),
           f"optim.impl must be one of auto, deepspeed_fused, apex_fused, torch_fused, torch; "
           f"got '{cfg.optim.impl}'")
@@ -413,6 +422,21 @@ def validate(cfg: Config) -> None:
           f"eval.probe_encoder must be 'student' or 'teacher', got '{cfg.eval.probe_encoder}'")
     check(cfg.eval.probe_encoder == "student" or cfg.objective.uses_teacher,
           "eval.probe_encoder=teacher needs an objective with an EMA teacher")
+
+
+def validate_towers(cfg: Config, check) -> None:
+    """The towers' pooling options, and what a tower without a class token can serve."""
+    v, t = cfg.model.vision, cfg.model.text
+    check(v.pool in ("token", "map"), f"model.vision.pool must be token or map; got '{v.pool}'")
+    check(t.pool in ("eot", "last"), f"model.text.pool must be eot or last; got '{t.pool}'")
+    if v.pool == "map":
+        from megaclip.objectives.passes import Passes
+        check(cfg.objective.passes == Passes(full_views=1, caption=True),
+              f"model.vision.pool=map has no class token, which objective.preset "
+              f"'{cfg.objective.preset}' reads (masked views, a teacher, crops or caption "
+              f"masking); use objective.preset=clip (objective.contrastive clip or siglip)")
+        check(not cfg.eval.probes, "model.vision.pool=map has no class token for the probes to "
+                                   "read: set eval.probes=false")
 
 
 def save_resolved(cfg: Config, path: str) -> None:

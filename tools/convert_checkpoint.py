@@ -9,6 +9,10 @@
   timm         the image encoder (--encoder student or teacher) as timm_vit.safetensors for a
                timm VisionTransformer with num_classes=0; the create_model call is printed and
                written to timm_vit.json
+  hf           a transformers folder hf/ (config.json, model.safetensors, tokenizer.json): CLIPModel
+               for a model with model.vision.pre_norm=true (transformers' CLIP always has that
+               LayerNorm; without it the format is refused), SiglipModel for SigLIP's towers
+               (model.vision.pool=map ...), with a tokenizer that gives megaclip's token ids
 
 The shards are read lazily: memory holds one copy of what is written at a time. --verify loads
 each output in its library, embeds a random batch there and in megaclip, prints the largest
@@ -28,13 +32,15 @@ if __package__ in (None, ""):  # run as a script: the package beside it, not an 
 
 from megaclip.errors import FatalError, UserError, run_cli  # noqa: E402
 
-FORMATS = ("safetensors", "timm", "open_clip")
+FORMATS = ("safetensors", "timm", "open_clip", "hf")
+DEFAULT_FORMATS = ("safetensors", "timm", "open_clip")
 EXAMPLE = """examples:
   python tools/convert_checkpoint.py runs/demo --out exported --verify        # newest checkpoint
   python tools/convert_checkpoint.py runs/demo/checkpoints/step00000400 --out exported \\
       --formats timm --encoder teacher
   python tools/convert_checkpoint.py runs/demo --out exported --formats open_clip --verify
   python tools/convert_checkpoint.py runs/demo --out exported --force  # replace an export
+  python tools/convert_checkpoint.py runs/demo --out exported_hf --formats hf --verify
 then, in open_clip (the model name is the config file's name):
   import open_clip, sys; open_clip.add_model_config("exported/megaclip_tiny.json")
   model, _, preprocess = open_clip.create_model_and_transforms(
@@ -45,6 +51,11 @@ and in timm:
   model = timm.create_model(spec["arch"], pretrained=True,
                             pretrained_cfg_overlay=dict(file="exported/timm_vit.safetensors"),
                             **spec["kwargs"])
+and in transformers (no custom code; pad to the context length as megaclip does):
+  from transformers import AutoTokenizer, CLIPModel
+  model = CLIPModel.from_pretrained("exported_hf/hf")
+  inputs = AutoTokenizer.from_pretrained("exported_hf/hf")(
+      captions, padding="max_length", truncation=True, return_tensors="pt")
 """
 
 
@@ -71,8 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty --out whole (renamed aside, removed once the new "
                         "export is in place)")
-    p.add_argument("--formats", default=",".join(FORMATS),
-                   help=f"comma separated, of {', '.join(FORMATS)} (default: all)")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help=f"comma separated, of {', '.join(FORMATS)} (default: "
+                        f"{','.join(DEFAULT_FORMATS)})")
     p.add_argument("--encoder", choices=("student", "teacher"), default="student",
                    help="which image encoder the timm export holds (default: student)")
     p.add_argument("--verify", action="store_true",
@@ -99,7 +111,16 @@ def main(argv=None) -> int:
     if "timm" in formats and args.encoder == "teacher" and not has_teacher:
         raise UserError(f"{tag_dir} has no EMA teacher (objective.preset "
                         f"'{cfg.objective.preset}'); use --encoder student")
+    if "hf" in formats:
+        from megaclip.checkpoint.hf_export import hf_architecture
+        hf_architecture(cfg)  # refused before anything is read or written
     if "open_clip" in formats:
+        from megaclip.checkpoint.convert import open_clip_model_config
+        try:
+            open_clip_model_config(cfg.model, cfg.objective.contrastive, eos_id=0, pad_id=0)
+        except ValueError as e:
+            raise UserError(f"--formats open_clip: {e}") from None
+    if "open_clip" in formats or "hf" in formats:
         check_export_tokenizer(tag_dir, cfg)
     print(f"converting {tag_dir} ({cfg.model.preset}, objective {cfg.objective.preset})")
     with output_folder(args.out, args.force, inputs=[tag_dir]) as out:
@@ -120,7 +141,8 @@ def check_export_tokenizer(tag_dir: str, cfg) -> None:
     naming both otherwise; a warning for a checkpoint that does not record it)."""
     from megaclip.checkpoint.train_state import check_tokenizer
     if not os.path.isfile(cfg.data.tokenizer):
-        raise UserError(f"the run's tokenizer {cfg.data.tokenizer} is missing; open_clip needs it")
+        raise UserError(f"the run's tokenizer {cfg.data.tokenizer} is missing; open_clip and hf "
+                        f"need it")
     for warning in check_tokenizer(tag_dir, cfg.data.tokenizer,
                                    advice=f"put the one it was trained with back at "
                                           f"{cfg.data.tokenizer} to export it"):
@@ -173,6 +195,13 @@ def export(args, formats: list[str], tag_dir: str, cfg, out: str, has_teacher: b
         written += export_open_clip(out, tag_dir, cfg, shown=args.out)
         if args.verify:
             checks.append(("open_clip", verify_open_clip(out, tag_dir)))
+    if "hf" in formats:
+        from megaclip.checkpoint.hf_export import export_hf, verify_hf
+        os.mkdir(os.path.join(out, "hf"))  # beside safetensors' own model.safetensors
+        written += [f"hf/{name}" for name in export_hf(os.path.join(out, "hf"), tag_dir, cfg,
+                                                       shown=os.path.join(args.out, "hf"))]
+        if args.verify:
+            checks.append(("hf", verify_hf(os.path.join(out, "hf"), tag_dir)))
     return written, checks
 
 
@@ -294,7 +323,9 @@ def verify_timm(out: str, tag_dir: str, encoder: str) -> float:
     ours.load_state_dict(state, strict=True)
     images = _probe(cfg)[0]
     with torch.no_grad():
-        return float((model.eval()(images) - ours.eval()(images)[:, 0]).abs().max())
+        tokens = ours.eval()(images)
+        pooled = ours.attn_pool(tokens) if ours.attn_pool is not None else tokens[:, 0]
+        return float((model.eval()(images) - pooled).abs().max())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def timm_create_kwargs(cfg: ModelConfig) -> tuple[str, dict]:
     kwargs = {"num_classes": 0, "img_size": v.image_size, "dynamic_img_size": True}
     if v.pre_norm:
         kwargs["pre_norm"] = True
+    if v.pool == "map":  # timm's SigLIP ViTs: no class token, attention pooling
+        kwargs.update(class_token=False, global_pool="map")
     if cfg.act != "gelu":
         kwargs["act_layer"] = cfg.act
     if not known:
@@ -83,6 +85,10 @@ def open_clip_model_config(cfg: ModelConfig, contrastive: str, eos_id: int, pad_
     v, t = cfg.vision, cfg.text
     if cfg.act == "gelu_tanh":
         raise ValueError("open_clip's own towers have no tanh GELU (model.act=gelu_tanh); "
+                         "export timm, safetensors or hf instead")
+    if (v.pool, t.causal, t.pool, t.proj_bias) != ("token", True, "eot", False):
+        raise ValueError("the open_clip export holds CLIP's towers (model.vision.pool=token, a "
+                         "causal text tower pooled at the end of text, no projection bias); "
                          "export timm, safetensors or hf instead")
     out = {
         "embed_dim": cfg.embed_dim,
@@ -180,3 +186,197 @@ def tokenize(texts, context_length=CONTEXT_LENGTH):
         out[i, : len(seq)] = torch.tensor(seq)
     return out
 '''
+
+
+# --------------------------------------------------------------------------- transformers
+
+HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+HF_SKIP = ("text.mask_embedding", "patch_decoder.", "distill_head.", "global_head.",
+           "text_decoder.")  # student-side modules of the objectives, not of the two towers
+_HF_BLOCK = {"norm1.": "layer_norm1.", "norm2.": "layer_norm2.", "attn.proj.": "self_attn.out_proj.",
+             "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}
+
+
+CLIP_TOWERS = ("token", True, "eot", False)  # vision.pool, text.causal, text.pool, text.proj_bias
+SIGLIP_TOWERS = ("map", False, "last", True)
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The transformers class that holds the resolved model ``cfg`` exactly: ``CLIPModel`` or
+    ``SiglipModel``; a ValueError naming the options and the formats that work otherwise."""
+    v, t = cfg.vision, cfg.text
+    towers = (v.pool, t.causal, t.pool, t.proj_bias)
+    if towers == SIGLIP_TOWERS:
+        if v.pre_norm:
+            raise ValueError("transformers' SiglipModel has no LayerNorm before the first image "
+                             "block (model.vision.pre_norm=true): export it as timm or "
+                             "safetensors")
+        return "SiglipModel"
+    if towers != CLIP_TOWERS:
+        raise ValueError(
+            f"transformers holds CLIP's towers (CLIPModel: model.vision.pool=token, "
+            f"model.text.causal=true, model.text.pool=eot, model.text.proj_bias=false) or "
+            f"SigLIP's (SiglipModel: model.vision.pool=map, model.text.causal=false, "
+            f"model.text.pool=last, model.text.proj_bias=true), not vision.pool={v.pool}, "
+            f"text.causal={str(t.causal).lower()}, text.pool={t.pool}, "
+            f"text.proj_bias={str(t.proj_bias).lower()}: export it as timm or safetensors")
+    if not v.pre_norm:
+        raise ValueError(
+            "transformers' CLIPModel always applies a LayerNorm to the image tokens before the "
+            "first block (pre_layrnorm), which this model does not have (model.vision.pre_norm="
+            "false, the default), and no LayerNorm can be the identity: export it as timm, "
+            "open_clip or safetensors, or train with model.vision.pre_norm=true for the hf format")
+    return "CLIPModel"
+
+
+def hf_token_order(vocab_size: int, eos_id: int) -> Optional[list[int]]:
+    """The exported id of each megaclip token id, or None where they are the same.
+
+    transformers' CLIPTextModel pools at the first end-of-text id, except when its
+    ``eos_token_id`` is 2 (SentencePiece's default): then it keeps a legacy rule, the position of
+    the largest id. An end-of-text id 2 is therefore swapped with the last id, in the token
+    embedding and the tokenizer's vocabulary alike; both rules then find it."""
+    if eos_id != 2 or vocab_size <= 3:
+        return None
+    order = list(range(vocab_size))
+    order[eos_id], order[-1] = order[-1], order[eos_id]
+    return order
+
+
+def _permute_rows(weight: torch.Tensor, order: Optional[list[int]]) -> torch.Tensor:
+    if order is None:
+        return weight
+    out = torch.empty_like(weight)
+    out[torch.tensor(order)] = weight
+    return out
+
+
+def hf_config(cfg: ModelConfig, contrastive: str, ids: dict[str, int], logit_scale: float,
+              logit_bias: Optional[float] = None) -> dict:
+    """The keyword arguments of transformers' ``CLIPConfig`` or ``SiglipConfig``
+    (``hf_architecture``) for the resolved model ``cfg``. ``ids``: the exported bos, eos and pad
+    ids. One LayerNorm eps per tower: 1e-6, as every norm of megaclip's but its final text norm
+    (1e-5), a difference of about 1e-6 in the text embeddings. A SigLIP objective's bias on a
+    CLIPModel (which has none) is recorded under ``megaclip``."""
+    arch = hf_architecture(cfg)
+    v, t = cfg.vision, cfg.text
+    act = HF_ACTS[cfg.act]
+    text = {"vocab_size": t.vocab_size, "hidden_size": t.width,
+            "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.depth,
+            "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+            "hidden_act": act, "layer_norm_eps": 1e-6, "bos_token_id": ids["bos"],
+            "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+    vision = {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
+              "num_hidden_layers": v.depth, "num_attention_heads": v.heads,
+              "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3,
+              "hidden_act": act, "layer_norm_eps": 1e-6}
+    out = {"architectures": [arch], "text_config": text, "vision_config": vision,
+           "megaclip": {"contrastive": contrastive}}
+    if arch == "SiglipModel":
+        text["projection_size"] = cfg.embed_dim
+        vision["vision_use_head"] = True
+    else:
+        text["projection_dim"] = vision["projection_dim"] = cfg.embed_dim
+        out.update(projection_dim=cfg.embed_dim, logit_scale_init_value=logit_scale)
+        if logit_bias is not None:
+            out["megaclip"]["logit_bias"] = logit_bias
+    return out
+
+
+def _hf_blocks(state: dict, src: str, dst: str, depth: int, used: set) -> dict:
+    """timm ``Block`` i under ``src`` -> transformers ``CLIPEncoderLayer`` (or Siglip's) i under
+    ``dst``: the fused qkv split into q, k and v (timm's order). Adds the keys read to ``used``."""
+    out = {}
+    for i in range(depth):
+        prefix, to = f"{src}blocks.{i}.", f"{dst}encoder.layers.{i}."
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            used.add(key)
+            if rest.startswith("attn.qkv."):
+                for name, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"{to}self_attn.{name}_proj.{rest[len('attn.qkv.'):]}"] = part
+                continue
+            mapped = next((new + rest[len(old):] for old, new in _HF_BLOCK.items()
+                           if rest.startswith(old)), None)
+            if mapped is None:
+                raise KeyError(f"no transformers name for {key}")
+            out[to + mapped] = value
+    return out
+
+
+def _check_consumed(state: dict, used: set, prefixes: tuple) -> None:
+    left = sorted(k for k in state if k.startswith(prefixes) and not k.startswith(HF_SKIP)
+                  and k not in used)
+    if left:
+        raise KeyError(f"{len(left)} tensors have no transformers name: {left[:5]}")
+
+
+def hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
+             order: Optional[list[int]] = None) -> dict[str, torch.Tensor]:
+    """A consolidated megaclip model state -> transformers ``CLIPModel`` or ``SiglipModel``
+    state (strict; ``hf_architecture``), the token embedding's rows in the exported order
+    (``hf_token_order``). For CLIPModel, whose patch embedding has no bias, a bias is folded into
+    the patch positions' embeddings (the same vector added to the same tokens), as for
+    open_clip. The temperature is clamped as megaclip's forward does."""
+    siglip = hf_architecture(cfg) == "SiglipModel"
+    v, t = "visual.trunk.", "text."
+    same = None
+    names = {
+        "vision_model.embeddings.patch_embedding.weight": (v + "patch_embed.proj.weight", same),
+        "vision_model.post_layernorm.weight": (v + "norm.weight", same),
+        "vision_model.post_layernorm.bias": (v + "norm.bias", same),
+        "text_model.embeddings.token_embedding.weight": (
+            t + "token_embedding.weight", lambda x: _permute_rows(x, order)),
+        "text_model.embeddings.position_embedding.weight": (t + "positional_embedding", same),
+        "text_model.final_layer_norm.weight": (t + "ln_final.weight", same),
+        "text_model.final_layer_norm.bias": (t + "ln_final.bias", same),
+    }
+    scale = state["logit_scale"].reshape(()).clamp(max=math.log(cfg.max_logit_scale))
+    out = {}
+    used = {"logit_scale", "logit_bias"}
+    if siglip:
+        pool = v + "attn_pool."
+        names.update({
+            "vision_model.embeddings.patch_embedding.bias": (v + "patch_embed.proj.bias", same),
+            "vision_model.embeddings.position_embedding.weight": (v + "pos_embed",
+                                                                  lambda x: x[0]),
+            "vision_model.head.probe": (pool + "latent", same),
+            "vision_model.head.attention.out_proj.weight": (pool + "proj.weight", same),
+            "vision_model.head.attention.out_proj.bias": (pool + "proj.bias", same),
+            "vision_model.head.layernorm.weight": (pool + "norm.weight", same),
+            "vision_model.head.layernorm.bias": (pool + "norm.bias", same),
+            "text_model.head.weight": (t + "proj.weight", same),
+            "text_model.head.bias": (t + "proj.bias", same)})
+        for part in ("fc1", "fc2"):
+            for kind in ("weight", "bias"):
+                names[f"vision_model.head.mlp.{part}.{kind}"] = (f"{pool}mlp.{part}.{kind}", same)
+        for kind in ("weight", "bias"):  # nn.MultiheadAttention's packed q, k, v
+            out[f"vision_model.head.attention.in_proj_{kind}"] = torch.cat(
+                [state[f"{pool}q.{kind}"], state[f"{pool}kv.{kind}"]])
+            used.update({f"{pool}q.{kind}", f"{pool}kv.{kind}"})
+        out["logit_scale"] = scale.reshape(1)
+        # a SigLIP tower trained with the softmax loss has no bias: 0 adds nothing
+        out["logit_bias"] = state.get("logit_bias", torch.zeros(1)).reshape(1)
+    else:
+        pos = state[v + "pos_embed"][0].clone()
+        if v + "patch_embed.proj.bias" in state:
+            pos[1:] += state[v + "patch_embed.proj.bias"]
+        out["vision_model.embeddings.position_embedding.weight"] = pos
+        used.update({v + "pos_embed", v + "patch_embed.proj.bias"})
+        names.update({
+            "vision_model.embeddings.class_embedding": (v + "cls_token", lambda x: x.reshape(-1)),
+            "vision_model.pre_layrnorm.weight": (v + "norm_pre.weight", same),
+            "vision_model.pre_layrnorm.bias": (v + "norm_pre.bias", same),
+            "visual_projection.weight": ("visual.proj.weight", same),
+            "text_projection.weight": (t + "proj.weight", same)})
+        out["logit_scale"] = scale
+    for name, (key, fn) in names.items():
+        out[name] = fn(state[key]) if fn else state[key]
+        used.add(key)
+    for src, dst, depth in ((v, "vision_model.", cfg.vision.depth),
+                            (t, "text_model.", cfg.text.depth)):
+        out.update(_hf_blocks(state, src, dst, depth, used))
+    _check_consumed(state, used, ("visual.", "text."))
+    return {k: x.detach().contiguous() for k, x in out.items()}

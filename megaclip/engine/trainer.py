@@ -354,8 +354,10 @@ class Trainer:
                                       self.device, dtype, trunk))
         count = cfg.eval.pictures
         if count and cfg.train.tensorboard:  # every rank runs the forwards; rank 0 writes
-            maps = similarity_maps(module, run.eval_set, run.tokenizer, self.device, dtype, count)
-            self.log.image(step, "eval/patch_text_similarity", maps)
+            if module.visual.proj is not None:  # the maps project patches as the class token
+                maps = similarity_maps(module, run.eval_set, run.tokenizer, self.device, dtype,
+                                       count)
+                self.log.image(step, "eval/patch_text_similarity", maps)
             if self.last_batch is not None:
                 self.log.image(step, "train/samples", training_samples(
                     self.last_batch, cfg.data.mean, cfg.data.std, count))

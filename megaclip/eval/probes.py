@@ -192,6 +192,11 @@ def run_probes(model, data, tokenizer, batch_size: int, device: torch.device, dt
     tower it needs. ``data`` (an EvalSet) is cut 50/20/30% per class into train/val/test, unless
     ``parts`` gives the (train, val) EvalSets, ``data`` then being the test split."""
     sets = [*(parts or ()), data]
+    if model.visual.proj is None:
+        from megaclip.errors import UserError
+        raise UserError("the probes read the class token, which a model with "
+                        "model.vision.pool=map has none of: evaluate it without them "
+                        "(tools/eval.py --no-probes)")
 
     def tokens_of(dataset, encoder):
         return gather_tokens(len(dataset), batch_size,

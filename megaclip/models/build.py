@@ -40,9 +40,10 @@ def _construct(cfg: ModelConfig, objective: ObjectiveConfig) -> TwoTower:
     passes = objective.passes
     mlm = passes.masked_caption
     visual = VisionTower(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio,
-                         cfg.embed_dim, v.pre_norm, cfg.act)
+                         cfg.embed_dim, v.pre_norm, cfg.act, v.pool)
     text = TextTower(t.vocab_size, t.context_length, t.width, t.depth, t.heads, t.mlp_ratio,
-                     cfg.embed_dim, mask_embedding=mlm, act=cfg.act)
+                     cfg.embed_dim, mask_embedding=mlm, act=cfg.act, causal=t.causal,
+                     pool=t.pool, proj_bias=t.proj_bias)
     bias = objective.siglip_init_bias if objective.contrastive == "siglip" else None
     init_scale = cfg.init_logit_scale if objective.contrastive == "clip" else 10.0
     extras: dict[str, nn.Module] = {}
@@ -99,8 +100,11 @@ def _init_module(name: str, module: nn.Module, gen: torch.Generator) -> None:
     elif isinstance(module, nn.Embedding):
         normal_(module.weight, 0.02)
     elif name == "visual.trunk":
-        normal_(module.cls_token, 1e-6)
+        if module.cls_token is not None:  # none with attention pooling
+            normal_(module.cls_token, 1e-6)
         normal_(module.pos_embed, 0.02, trunc=True)
+    elif name == "visual.trunk.attn_pool":  # its query; the layers inside are Linear, LayerNorm
+        normal_(module.latent, module.latent_dim ** -0.5, trunc=True)
     elif name == "text":
         normal_(module.positional_embedding, 0.01)
         if module.mask_embedding is not None:

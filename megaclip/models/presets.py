@@ -53,8 +53,11 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     for name, sec in (("vision", vision), ("text", text)):
         if sec.width % sec.heads:
             raise UserError(f"model.{name}.width {sec.width} is not divisible by heads {sec.heads}")
-    return dataclasses.replace(cfg, vision=vision, text=text,
-                               embed_dim=cfg.embed_dim or preset["embed_dim"])
+    embed_dim = cfg.embed_dim or preset["embed_dim"]
+    if vision.pool == "map" and embed_dim != vision.width:
+        raise UserError(f"model.vision.pool=map has no projection: model.embed_dim ({embed_dim}) "
+                        f"must be model.vision.width ({vision.width})")
+    return dataclasses.replace(cfg, vision=vision, text=text, embed_dim=embed_dim)
 
 
 def check_multicrop(cfg: ModelConfig, objective: ObjectiveConfig) -> None:

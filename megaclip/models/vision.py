@@ -1,4 +1,5 @@
-"""Image tower: a timm VisionTransformer pooled at the class token, then a bias-free projection.
+"""Image tower: a timm VisionTransformer pooled at the class token, then a bias-free projection
+(or, SigLIP's, without a class token, pooled by timm's attention pooling, with no projection).
 
 The trunk can run on the visible patches only (MAE-style token dropping): the masked student
 pass of MaskCLIP costs about a quarter of a full pass at the default 75% mask ratio. It also
@@ -52,10 +53,13 @@ class MaskableViT(VisionTransformer):
 
 
 def build_trunk(image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                mlp_ratio: float, pre_norm: bool = False, act: str = "gelu") -> MaskableViT:
+                mlp_ratio: float, pre_norm: bool = False, act: str = "gelu",
+                pool: str = "token") -> MaskableViT:
+    """``pool``: ``token`` (a class token) or ``map`` (no class token; the trunk's ``attn_pool``
+    pools the tokens its forward returns)."""
     return MaskableViT(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
-                       num_heads=heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool="token",
-                       class_token=True, dynamic_img_size=True, pre_norm=pre_norm,
+                       num_heads=heads, mlp_ratio=mlp_ratio, num_classes=0, global_pool=pool,
+                       class_token=pool == "token", dynamic_img_size=True, pre_norm=pre_norm,
                        act_layer=act_layer(act))
 
 
@@ -63,22 +67,24 @@ def trunk_for(cfg: ModelConfig) -> MaskableViT:
     """The image trunk of a resolved model config (the student's, the teacher's, a probe's)."""
     v = cfg.vision
     return build_trunk(v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio,
-                       v.pre_norm, cfg.act)
+                       v.pre_norm, cfg.act, v.pool)
 
 
 class VisionTower(nn.Module):
-    """ViT trunk + linear projection of the class token to the joint space.
+    """ViT trunk + linear projection of the class token to the joint space (``pool="token"``), or
+    the trunk's attention pooling of its tokens, in the joint space already (``pool="map"``).
 
     The trunk is called as a module (``self.trunk(x)``), never through its methods, so that
     ZeRO-3's pre-forward hooks gather its directly owned parameters (cls token, pos embed).
     """
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, embed_dim: int, pre_norm: bool = False, act: str = "gelu"):
+                 mlp_ratio: float, embed_dim: int, pre_norm: bool = False, act: str = "gelu",
+                 pool: str = "token"):
         super().__init__()
         self.trunk = build_trunk(image_size, patch_size, width, depth, heads, mlp_ratio, pre_norm,
-                                 act)
-        self.proj = nn.Linear(width, embed_dim, bias=False)
+                                 act, pool)
+        self.proj = nn.Linear(width, embed_dim, bias=False) if pool == "token" else None
 
     @property
     def num_patches(self) -> int:
@@ -93,6 +99,10 @@ class VisionTower(nn.Module):
         with ``more`` (further (images, kept patches or None) passes), a list of those pairs,
         one per pass, the first for ``images_BCHW``, all through the trunk in one call."""
         tokens = self.trunk(images_BCHW, keep_BK, more)
+        if self.proj is None:  # attention pooling: one call per pass (their lengths may differ)
+            if not more:
+                return self.trunk.attn_pool(tokens), tokens
+            return [(self.trunk.attn_pool(t), t) for t in tokens]
         if not more:
             return self.proj(tokens[:, 0]), tokens
         features = self.proj(torch.cat([t[:, 0] for t in tokens]))
