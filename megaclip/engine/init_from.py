@@ -3,7 +3,7 @@
 Under ZeRO-3 rank 0 alone reads the file and converts it (``checkpoint/pretrained.py``,
 ``checkpoint/convert_in.py``); every rank then gathers one module at a time, as
 ``init_weights`` does, rank 0 writes the module's tensors and the gather's exit partitions them
-to every rank. So no rank holds more than the file and one whole module, and only rank 0 reads
+to every rank (``zero3.write_whole``). So no rank holds more than the file and one whole module, and only rank 0 reads
 the file. Without ZeRO-3 every rank holds the whole model anyway and reads the file itself.
 A problem with the file (a crafted pickle, a mismatched shape, an architecture option the
 config lacks) is every rank's ``UserError`` before anything is written.
@@ -19,7 +19,7 @@ from megaclip.checkpoint import convert_in, pretrained
 from megaclip.config import ModelConfig
 from megaclip.distributed import on_rank0, rank
 from megaclip.errors import UserError
-from megaclip.zero3 import gathered, is_partitioned
+from megaclip.zero3 import is_partitioned, write_whole
 
 
 @dataclass
@@ -76,17 +76,5 @@ def load_init_weights(model: nn.Module, cfg: ModelConfig) -> list[str]:
         return Plan(sorted(state), report)
 
     plan = on_rank0(read) if split else read()
-    writes = not split or rank() == 0
-    wanted = set(plan.names)
-    with torch.no_grad():
-        for module_name, module in model.named_modules():
-            prefix = module_name + "." if module_name else ""
-            own = [(prefix + n, p) for n, p in module.named_parameters(recurse=False)
-                   if prefix + n in wanted]
-            if not own:
-                continue
-            with gathered([p for _, p in own], modifier_rank=0):
-                if writes:
-                    for name, p in own:
-                        p.data.copy_(held.pop(name).reshape(p.shape))
+    write_whole(model, plan.names, held, writes=not split or rank() == 0)
     return plan.report

@@ -40,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             where = tower_part(name, depth)
             tower, part = where if where is not None else ("other", -1)
             scale = layer_scale(None if where is None else part, depth.get(tower, 0), layer_decay)
-            key, label = (tower, part, kind), f"{tower}.{part}/{kind}"
+            key = (tower, part, kind)
+            label = f"{tower}.{part}/{kind}" if where is not None else f"other/{kind}"
         group = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decays
                                         else 0.0, "name": label})
         if scale is not None:
