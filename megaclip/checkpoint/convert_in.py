@@ -49,12 +49,13 @@ def shown(names: Sequence[str]) -> str:
 @dataclass
 class Converted:
     """The tensors of the loaded parts under megaclip's names (views of the file's tensors
-    where nothing had to change), which parts they are, the file's keys left out, and what was
-    adapted on the way."""
+    where nothing had to change), which parts they are, the file's keys left out, what was
+    adapted on the way, and the file's key of each tensor (none for one set to zero)."""
     state: dict[str, torch.Tensor]
     parts: tuple[str, ...]
     unused: list[str]
     notes: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def detect_format(keys) -> str:
@@ -289,7 +290,7 @@ def from_pretrained(state: dict[str, torch.Tensor], shapes: dict[str, tuple], cf
                         f"(check model.preset and the model.vision / model.text sizes){hint}: "
                         + "; ".join(wrong[:SHOWN]))
     unused = sorted(k for k in state if k not in t.used)
-    return Converted(t.out, parts, unused, notes)
+    return Converted(t.out, parts, unused, notes, t.source)
 
 
 def file_activation(config: Optional[tuple[str, dict]], path: str
