@@ -54,9 +54,9 @@ def convert_file(cfg: ModelConfig, shapes: dict[str, tuple]
         + (f": {convert_in.shown(missing)}" if missing else ""),
         f"init_from: unused {len(converted.unused)} (in the file, not loaded)"
         + (f": {convert_in.shown(converted.unused)}" if converted.unused else ""),
-        f"init_from: activation {cfg.act}: " + (told if act is not None else
-                                                 f"{told}; OpenAI CLIP's weights need "
-                                                 f"model.act=quick_gelu"),
+        (f"init_from: activation {act}: {told}" if act is not None else
+         f"init_from: activation cannot be told: {told}; the run uses model.act={cfg.act} "
+         f"(OpenAI CLIP's weights need quick_gelu)"),
     ]
     report += [f"init_from: {note}" for note in converted.notes]
     return loaded, report

@@ -66,7 +66,7 @@ def groups_summary(groups: list[dict], layer_decay: float) -> str:
         return ""
     scales = sorted({g["lr_scale"] for g in groups})
     return (f"layer decay {layer_decay:g}: {len(groups)} parameter groups, learning-rate scales "
-            f"{scales[0]:.4g} (embeddings of the deeper tower) to {scales[-1]:.4g}")
+            f"from {scales[0]:.4g} to {scales[-1]:.4g}")
 
 
 def resolve_impl(impl: str, device_type: str) -> str:

@@ -18,23 +18,6 @@ from tests.open_clip_files import batch, experiment, open_clip_embeddings, save_
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group for zero.Init, torn down with the environment it needed."""
-    import torch.distributed as dist
-    from megaclip.distributed import default_env, init_distributed
-    saved = dict(os.environ)
-    default_env()
-    try:
-        init_distributed(dist_backend="gloo")
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("open_clip")
     return folder, save_open_clip(folder)
