@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megaclip.data.config import (  # noqa: F401 - re-exported
+    CaptionKeys, SourceConfig, caption_choices, validate_data_sources)
 from megaclip.errors import UserError
 from megaclip.objectives.config import (  # noqa: F401 - re-exported
     OBJECTIVE_PRESETS, LocalGlobalConfig, MaskConfig, MaskDistillConfig, ObjectiveConfig,
@@ -125,6 +127,17 @@ class DataConfig:
     # started) and skipped as a bad shard; below loader_timeout_s, so a stall is a bad shard
     # before the loader gives up. 0: no limit.
     shard_stall_timeout_s: float = 120.0
+    # Several captions per sample: member keys, or ``json:<field>`` (a field of the sample's
+    # ``json`` member), with their probabilities ({txt: 0.7, "json:caption_2": 0.3}; a list
+    # means equal ones). Each sample draws one from its own seed among those it has. Empty:
+    # caption_key alone (which evaluation sets always read).
+    caption_keys: CaptionKeys = ()
+    # A weighted mixture of sources instead of train_shards (not both); each rank's stream
+    # draws every sample's source by weight from seeded generators (megaclip/data/mixture.py).
+    sources: tuple[SourceConfig, ...] = ()
+    # A source with epochs > 0 that runs out: ``drop`` it (the others go on, by their
+    # weights), or ``stop`` the run after that step with a checkpoint and the final evaluation.
+    on_source_exhausted: str = "drop"
 
 
 @dataclass(frozen=True)
@@ -237,6 +250,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             return tuple(value)
         raise UserError(f"config key '{where}' must be a list, got {value!r}")
+    if tp == CaptionKeys:
+        return caption_choices(value, where)
+    if origin is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):  # a list of entries of one typed kind
+            raise UserError(f"config key '{where}' must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
     raise AssertionError(f"unsupported annotation {tp} at {where}")
 
 
@@ -358,6 +380,7 @@ def validate(cfg: Config) -> None:
     validate_objective(cfg.objective, check)
     check(cfg.model.act in MODEL_ACTS,
           f"model.act must be one of {', '.join(MODEL_ACTS)}; got '{cfg.model.act}'")
+    validate_data_sources(cfg.data, check)
     check(cfg.optim.impl in ("auto", "deepspeed_fused", "apex_fused", "torch_fused", "torch"),
           f"optim.impl must be one of auto, deepspeed_fused, apex_fused, torch_fused, torch; "
           f"got '{cfg.optim.impl}'")

@@ -28,6 +28,8 @@ from megaclip.errors import UserError, run_cli  # noqa: E402
 EXAMPLE = """example:
   python tools/bench_data.py --workers 1 2 --repeats 3
   python tools/bench_data.py --shards 'shards/shard-{000000..000099}.tar' --tokenizer spm32k.model
+  python tools/bench_data.py --systems megaclip --tokenizer spm32k.model --set \
+      'sources=[{name: laion, shards: "a/{0..9}.tar", weight: 0.8}, {name: cc, shards: "b/{0..9}.tar", weight: 0.2}]'
   git worktree add /tmp/parent HEAD~1 && python tools/bench_data.py --parent /tmp/parent \\
       --systems megaclip parent --workers 1
 """
@@ -77,7 +79,8 @@ def main() -> int:
     p.add_argument("--image-side", type=int, default=256, help="side of the written JPEGs")
     p.add_argument("--device", default="auto", help="where batches go: auto (cuda if any), cpu")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="data.* settings for megaclip, e.g. jpeg_draft=false")
+                   help="data.* settings for megaclip, e.g. jpeg_draft=false; sources=[...] "
+                        "measures that mixture instead of the shards")
     p.add_argument("--json", default="", help="also write the runs and ratios here")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -67,7 +67,9 @@ def saved_state(cfg, tokenizer, batch: int, seen: int) -> dict:
         return {"workers": 1, "world_size": 1, "cursors": {0: seen}, "bad": {},
                 "batches": seen // batch}
     loader = stream.build_train_loader(cfg, 32, tokenizer, batch, 0, 1)
-    raw = loader.loader.dataset.raw_samples(0, 1, 0)
+    dataset = loader.loader.dataset
+    raw = (dataset.mixer(0, 1, 0).streams[0].raw if hasattr(dataset, "mixer")  # its one source
+           else dataset.raw_samples(0, 1, 0))
     it = iter(raw)
     for _ in range(seen):  # raw samples only: what the decoded batches would have consumed
         next(it)

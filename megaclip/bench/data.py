@@ -76,7 +76,8 @@ def megaclip_batches(pattern: str, tokenizer: str, workers: int, batch: int, ima
                      device: str, overrides: list):
     """Batches of megaclip's training loader (``build_train_loader``, as the trainer builds
     it), moved to ``device`` by the trainer's ``to_device``; yields the batch size of each.
-    ``overrides``: ``data.key=value`` settings."""
+    ``overrides``: ``data.key=value`` settings (``data.sources=[...]``: that mixture instead of
+    ``pattern``)."""
     import dataclasses
 
     import torch
@@ -88,7 +89,9 @@ def megaclip_batches(pattern: str, tokenizer: str, workers: int, batch: int, ima
     except ImportError:  # a checkout from before the data rooms were renamed (--parent)
         from megaclip.data.webdataset import build_train_loader
     from megaclip.engine.step import to_device
-    cfg = dataclasses.replace(load_config(None, list(overrides)).data, train_shards=pattern,
+    data = load_config(None, list(overrides)).data
+    # A mixture given as data.sources=[...] is measured as it is; else the bench's shards.
+    cfg = dataclasses.replace(data, train_shards="" if getattr(data, "sources", ()) else pattern,
                               workers=workers)
     dev = _device(device)
     kw = {"pin_memory": dev.type == "cuda"} if _accepts(build_train_loader, "pin_memory") else {}

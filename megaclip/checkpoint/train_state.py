@@ -104,10 +104,11 @@ class TrainState:
         self.guard, self.objective, self.teacher = guard, objective, teacher
         self.tokenizer = tokenizer
         self.stream: Optional[dict] = None
+        self.data_ended = ""  # why training ended when a data source ran out (or "")
 
     def client_state(self, stream_state: dict) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "rng": rng_state(),
-                "data": stream_state, **self.guard.state_dict(),
+                "data": stream_state, "data_ended": self.data_ended, **self.guard.state_dict(),
                 "objective": {k: v.cpu() for k, v in self.objective.state_dict().items()}}
 
     def save(self, engine, root: str, stream_state: dict, keep: int, cfg,
@@ -154,3 +155,4 @@ class TrainState:
         if "rng" in client:
             set_rng_state(client["rng"])
         self.stream = client["data"]
+        self.data_ended = client.get("data_ended", "")

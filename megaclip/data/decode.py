@@ -20,7 +20,8 @@ log = logging.getLogger("megaclip.data")
 # "sample_error": anything else that went wrong with one sample (counted, never fatal: the
 # stream replays exactly, so an error that ended the run would end every restart too).
 BAD_KINDS = ("missing_image", "missing_caption", "caption_not_utf8", "image_too_large",
-             "undecodable_image", "caption_too_long", "member_too_large", "sample_error")
+             "undecodable_image", "caption_too_long", "member_too_large", "sample_error",
+             "malformed_json")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL format names; EPS and the like never reach PIL
 
 
@@ -118,7 +119,8 @@ class BadSampleLog:
     MIN_SHARDS = 3
 
     def __init__(self, describe_first: int, max_in_a_row: int = 0,
-                 counts: Optional[dict] = None, in_a_row: int = 0):
+                 counts: Optional[dict] = None, in_a_row: int = 0, source: str = ""):
+        self.source = source  # a source of data.sources: named in the error
         self.counts: Counter = Counter(counts or {})
         self.describe_first, self.max_in_a_row = describe_first, max_in_a_row
         self.in_a_row = in_a_row
@@ -145,7 +147,11 @@ class BadSampleLog:
                 and len(self.shards) >= self.MIN_SHARDS):
             detail = str(err).split(": ", 1)[1] if ": " in str(err) else str(err)
             have = ", ".join(k for k, _ in self.members.most_common()) or "no members"
+            where = f"of source '{self.source}' " if self.source else ""
+            keys = ("data.caption_key" if not self.source else
+                    f"the caption keys of source '{self.source}' (data.sources)")
             raise UserError(
-                f"{self.in_a_row} samples in a row could not be used (data.max_bad_samples_in_a_"
-                f"row); the last ({sample.get('__key__')} in {sample.get('__url__')}): {detail}; "
-                f"samples have: {have}. Check data.caption_key and data.image_keys")
+                f"{self.in_a_row} samples {where}in a row could not be used (data.max_bad_"
+                f"samples_in_a_row); the last ({sample.get('__key__')} in "
+                f"{sample.get('__url__')}): {detail}; samples have: {have}. Check {keys} and "
+                f"data.image_keys")

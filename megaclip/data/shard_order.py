@@ -41,17 +41,17 @@ def derive_seed(*parts: int) -> int:
 
 
 def shard_sequence(num_shards: int, seed: int, rank: int, worker: int, workers: int,
-                   world_size: int, resampled: bool) -> Iterator[int]:
+                   world_size: int, resampled: bool, epochs: int = 0) -> Iterator[int]:
     """Endless shard indices for one (rank, worker). ``resampled``: each draws its own sequence
     with replacement; otherwise epochs over the list, one order per epoch shared by all and split
-    by rank and worker."""
+    by rank and worker, ``epochs`` of them (0: endless)."""
     if resampled:
         rng = random.Random(derive_seed(seed, rank, worker, _SHARDS))
         while True:
             yield rng.randrange(num_shards)
     rng = random.Random(derive_seed(seed, _SHARDS))
     gw, total = rank * workers + worker, world_size * workers
-    while True:
+    for _ in (range(epochs) if epochs else itertools.count()):
         order = list(range(num_shards))
         rng.shuffle(order)
         yield from order[gw::total]
@@ -88,11 +88,16 @@ class Position:
         return cls(start=SequencePoint(**start), **d)
 
 
+class SequenceEnd(Exception):
+    """A finite shard sequence (``epochs``) has no sample left."""
+
+
 class SequenceReader:
     """Raw samples along the shard sequence from ``at``. A shard that fails is logged, counted
     and left for the next one (whether there are too many is judged over all ranks, by the
     trainer); only a long run of shards that give nothing is an error here: no batch would
-    ever reach the trainer to judge."""
+    ever reach the trainer to judge. At the end of a finite sequence ``next`` raises
+    ``SequenceEnd``."""
 
     def __init__(self, urls: list[str], sequence: Iterator[int], at: SequencePoint,
                  read: Callable[..., Iterator[dict]], who: str,
@@ -109,7 +114,9 @@ class SequenceReader:
     def next(self) -> dict:
         while True:
             if self._samples is None:
-                index = next(self._sequence)
+                index = next(self._sequence, None)
+                if index is None:
+                    raise SequenceEnd()
                 self._url, self._got = self.urls[index], False
                 if self.at.offset == 0:
                     self.at.shards_read += 1
@@ -156,9 +163,18 @@ class SequenceReader:
                              + "; ".join(self._bad_in_a_row[:FIRST_BAD_NAMED]) + " ...")
 
 
+def _next_or_none(reader: SequenceReader) -> Optional[dict]:
+    try:
+        return reader.next()
+    except SequenceEnd:
+        return None
+
+
 class BlockShuffle:
     """Raw samples of a ``SequenceReader`` in shuffled blocks of ``size``; ``position()`` is where
-    the stream is after the last sample it handed out."""
+    the stream is after the last sample it handed out. A finite sequence leaves empty places in
+    its last block (handed out as nothing, counted in ``emitted`` only, so its order and a
+    resume stay the same); the iteration ends after them."""
 
     def __init__(self, open_reader: Callable[[SequencePoint], SequenceReader], size: int,
                  order_seed: Callable[[int], int], at: Position):
@@ -184,11 +200,11 @@ class BlockShuffle:
         at = self.at
         reader = self.reader = self.open_reader(at.start)
         try:
-            current = [reader.next() for _ in range(self.size)]
+            current = [_next_or_none(reader) for _ in range(self.size)]
             next_start = reader.point()
             # On resume, the samples of the next block read while the first ``emitted`` were
             # handed out are read again.
-            upcoming = [reader.next() for _ in range(at.emitted)]
+            upcoming = [_next_or_none(reader) for _ in range(at.emitted)]
             order = self._order(at.block)
             for i in order[:at.emitted]:  # handed out before the checkpoint
                 current[i] = None
@@ -196,10 +212,14 @@ class BlockShuffle:
                 while at.emitted < self.size:
                     i = order[at.emitted]
                     sample, current[i] = current[i], None
-                    upcoming.append(reader.next())
+                    upcoming.append(_next_or_none(reader))
                     at.emitted += 1
+                    if sample is None:  # a place past the end of a finite sequence
+                        continue
                     at.cursor += 1
                     yield sample
+                if all(s is None for s in upcoming):  # only at the end of a finite sequence
+                    return
                 at.block, at.start, at.emitted = at.block + 1, next_start, 0
                 current, upcoming, next_start = upcoming, [], reader.point()
                 order = self._order(at.block)
@@ -207,12 +227,13 @@ class BlockShuffle:
             reader.close()
 
 
-def status_writer(array, slot: int) -> Callable[[int, int], None]:
+def status_writer(array, slot: int, base: int = 0) -> Callable[[int, int], None]:
     """Records (shard index, samples read, time) of one DataLoader worker in shared memory, for
-    the report of a stalled loader; a shard index of -1 keeps the current one."""
+    the report of a stalled loader; a shard index of -1 keeps the current one. ``base``: where
+    the source's shards start in the stream's list of every source's shards."""
     def write(shard: int, offset: int) -> None:
         if shard >= 0:
-            array[3 * slot] = shard
+            array[3 * slot] = base + shard
         array[3 * slot + 1] = offset
         array[3 * slot + 2] = time.time()
     return write

@@ -32,18 +32,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megaclip.cluster import WorkerSignals
 from megaclip.config import DataConfig
-from megaclip.data.decode import (BAD_KINDS, BadSample, BadSampleLog, decode_caption, load_image,
-                                  open_image)
+from megaclip.data.captions import caption_members, choose_caption
+from megaclip.data.decode import BAD_KINDS, BadSampleLog, load_image, open_image
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
+from megaclip.data.mixture import (Mixer, Source, SourceStream, expand_sources, resolve_sources,
+                                   sources_fingerprint)
 from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
                                        derive_seed, shard_sequence, status_writer)
-from megaclip.data.shards import BadShard, read_shard, shard_list
+from megaclip.data.shards import BadShard, read_shard
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop, TrainCrop, seeded
 from megaclip.errors import FatalError, UserError
 
 log = logging.getLogger("megaclip.data")
-_SHUFFLE, _MASKS = 2, 3  # stream ids mixed into seeds, so the generators never coincide
+_SHUFFLE, _MASKS, _CAPTION = 2, 3, 6  # stream ids mixed into seeds: the generators never coincide
 STATE_FORMAT = 2
 SKIP_KINDS = BAD_KINDS + ("shards",)  # what the logs count as skipped_<kind>, summed over ranks
 
@@ -55,8 +57,9 @@ class TrainStream(IterableDataset):
     view. ``images`` (B, 3, S, S) are uint8, normalised on the device (``to_device``). With
     ``multicrop`` (SILC), ``images`` is each sample's first global crop, ``views``
     (B, G-1, 3, S, S) its other global crops and ``local_views`` (B, L, 3, s, s) its local
-    crops, all drawn from the sample's seed. A problem that ends the run arrives as a batch
-    ``{"error": message}``."""
+    crops, all drawn from the sample's seed. With ``data.sources``, ``sources`` holds each
+    source's counters (``Mixer.counters``) and ``ended`` the note of a source whose running out
+    ends the run. A problem that ends the run arrives as a batch ``{"error": message}``."""
 
     def __init__(self, cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                  rank: int, world_size: int, start: Optional[dict[int, dict]] = None,
@@ -70,11 +73,17 @@ class TrainStream(IterableDataset):
         self.ordinary_ids = (ordinary_token_ids(tokenizer)
                              if masking is not None and masking.text is not None else None)
         self.rank, self.world_size = rank, world_size
-        self.urls = urls if urls is not None else shard_list(cfg.train_shards)
+        self.sources = resolve_sources(cfg, urls)
+        self.mixed = bool(cfg.sources)
+        self.urls = [u for source in self.sources for u in source.urls]  # every source's
         workers = max(1, cfg.workers)
-        if not cfg.resampled and len(self.urls) < world_size * workers:
-            raise UserError(f"{len(self.urls)} shards cannot be split over {world_size} ranks x "
-                            f"{workers} workers; set data.resampled=true or use more shards")
+        for source in self.sources:
+            if not source.resampled and len(source.urls) < world_size * workers:
+                raise UserError(
+                    f"{len(source.urls)} shards"
+                    + (f" of source '{source.name}'" if source.name else "")
+                    + f" cannot be split over {world_size} ranks x {workers} workers; set "
+                    f"data.resampled=true or use more shards")
         self.start = dict(start or {})
         # The DataLoader always asks its worker 0 first; after a resume the next batch is due
         # from logical stream ``rotate``, so loader worker i plays logical stream i + rotate.
@@ -83,11 +92,30 @@ class TrainStream(IterableDataset):
         self.crop = TrainCrop(image_size, cfg.crop_scale, cfg.crop_ratio)
         self.status = status  # shared (shard, offset, time) per loader worker, or None
 
-    def raw_samples(self, wid: int, nw: int, slot: int) -> BlockShuffle:
-        """Worker ``wid``'s raw samples from its saved position (or the beginning)."""
+    def mixer(self, wid: int, nw: int, slot: int) -> Mixer:
+        """Worker ``wid``'s usable samples, from its saved position (or the beginning)."""
+        saved, mixed = self.start.get(wid), self.mixed
+        if mixed:
+            saved = saved or {"draws": 0, "ended": [], "sources": {}}
+        streams = []
+        for source in self.sources:
+            at = (saved["sources"].get(source.name) if mixed else saved) if saved else None
+            at = Position.from_dict(at) if at else Position()
+            streams.append(SourceStream(
+                source, self.raw_samples(wid, nw, slot, source, at),
+                BadSampleLog(self.cfg.log_bad_samples, self.cfg.max_bad_samples_in_a_row,
+                             at.skipped, at.bad_in_a_row, source.name)))
+        return Mixer(streams, self.seed, self.rank, wid, self.cfg.on_source_exhausted, mixed,
+                     saved["draws"] if mixed else 0, tuple(saved["ended"]) if mixed else ())
+
+    def raw_samples(self, wid: int, nw: int, slot: int, source: Source,
+                    at: Position) -> BlockShuffle:
+        """Worker ``wid``'s raw samples of ``source`` from ``at``."""
         cfg, who = self.cfg, f"rank {self.rank} worker {wid}"
-        at = Position.from_dict(self.start[wid]) if wid in self.start else Position()
-        needed = frozenset((*cfg.image_keys, cfg.caption_key))
+        if source.name:
+            who += f" source '{source.name}'"
+        seed = source.seed(self.seed, self.mixed)
+        needed = frozenset(cfg.image_keys) | caption_members(source.captions)
 
         def read(url: str, skip: int) -> Iterator[dict]:
             if url in self.refused:
@@ -96,14 +124,14 @@ class TrainStream(IterableDataset):
                               cfg.shard_stall_timeout_s)
 
         def open_reader(point: SequencePoint) -> SequenceReader:
-            seq = shard_sequence(len(self.urls), self.seed, self.rank, wid, nw, self.world_size,
-                                 cfg.resampled)
+            seq = shard_sequence(len(source.urls), seed, self.rank, wid, nw, self.world_size,
+                                 source.resampled, source.epochs)
             return SequenceReader(
-                self.urls, seq, point, read, who,
-                status_writer(self.status, slot) if self.status is not None else None)
+                list(source.urls), seq, point, read, who,
+                status_writer(self.status, slot, source.base) if self.status is not None
+                else None)
         return BlockShuffle(open_reader, cfg.shuffle_buffer,
-                            lambda block: derive_seed(self.seed, self.rank, wid, _SHUFFLE, block),
-                            at)
+                            lambda block: derive_seed(seed, self.rank, wid, _SHUFFLE, block), at)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -117,34 +145,29 @@ class TrainStream(IterableDataset):
 
     def _batches(self, wid: int, nw: int, slot: int) -> Iterator[dict]:
         cfg = self.cfg
-        raw = self.raw_samples(wid, nw, slot)
-        at = raw.at
-        bad = BadSampleLog(cfg.log_bad_samples, cfg.max_bad_samples_in_a_row, at.skipped,
-                           at.bad_in_a_row)
+        mix = self.mixer(wid, nw, slot)
         image_keys, image_formats = tuple(cfg.image_keys), tuple(cfg.image_formats)
+        source_seeds = {s.name: s.seed(self.seed, self.mixed) for s in self.sources}
+
+        def decode(sample: dict, stream: SourceStream, index: int) -> tuple:
+            seed = derive_seed(source_seeds[stream.source.name], self.rank, wid, index)
+            captions = stream.source.captions
+            caption = choose_caption(sample, captions, derive_seed(seed, _CAPTION) / 2.0 ** 63
+                                     if len(captions) > 1 else 0.0, cfg.max_caption_bytes)
+            image = open_image(sample, image_keys, cfg.max_image_pixels, image_formats)
+            if self.multicrop is None:  # the box first: it decides the JPEG draft size
+                size = image.size
+                box = self.crop.box(*size, seed)
+                image = load_image(image, self.crop.draft_size(*size, box)
+                                   if cfg.jpeg_draft else None)
+                return caption, seed, self.crop(image, box, size)
+            return caption, seed, seeded(self.multicrop, load_image(image), seed)
+
         images, captions, seeds, views, local_views = [], [], [], [], []
-        for sample in raw:
-            index = at.cursor - 1
-            try:
-                caption = decode_caption(sample, cfg.caption_key, cfg.max_caption_bytes)
-                image = open_image(sample, image_keys, cfg.max_image_pixels, image_formats)
-                seed = derive_seed(self.seed, self.rank, wid, index)
-                if self.multicrop is None:  # the box first: it decides the JPEG draft size
-                    source = image.size
-                    box = self.crop.box(*source, seed)
-                    image = load_image(image, self.crop.draft_size(*source, box)
-                                       if cfg.jpeg_draft else None)
-                    view = self.crop(image, box, source)
-                else:
-                    globals_, locals_ = seeded(self.multicrop, load_image(image), seed)
-            except BadSample as err:
-                bad.add(err, sample)
-                continue
-            except Exception as e:  # noqa: BLE001 - whatever one sample does, it is skipped
-                bad.add(BadSample("sample_error", f"{type(e).__name__}: {e}"), sample)
-                continue
-            bad.good()
+        while True:
+            _, (caption, seed, view) = mix.next(decode)
             if self.multicrop is not None:
+                globals_, locals_ = view
                 images.append(globals_[0])
                 views.append(globals_[1:])
                 local_views.append(locals_)
@@ -155,12 +178,14 @@ class TrainStream(IterableDataset):
                 seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
-                at.skipped, at.bad_in_a_row = dict(bad.counts), bad.in_a_row
-                shards = raw.shards()
                 batch = {"images": torch.stack(images), "tokens": tokens, "eot": eot,
-                         "position": (wid, raw.position().to_dict()),
-                         "skipped": {**bad.counts, "shards": shards.shards_bad},
-                         "shards_read": shards.shards_read, "first_bad": shards.first_bad}
+                         "position": (wid, mix.position()), "skipped": mix.skipped(),
+                         "shards_read": mix.shards_read(), "first_bad": mix.first_bad()}
+                if mix.mixed:
+                    batch["sources"] = mix.counters()
+                    note = mix.take_note()
+                    if note:
+                        batch["ended"] = note
                 if self.multicrop is not None:
                     batch["views"], batch["local_views"] = (torch.stack(views),
                                                             torch.stack(local_views))
@@ -192,7 +217,8 @@ class StreamState:
 
     def __init__(self, workers: int, world_size: int, positions: Optional[dict] = None,
                  skipped: Optional[dict] = None, batches: int = 0,
-                 fingerprint: Optional[list] = None):
+                 fingerprint: Optional[list] = None, sources: Optional[dict] = None,
+                 resumed: bool = False):
         self.workers, self.world_size = workers, world_size
         self.positions: dict[int, dict] = {int(k): v for k, v in (positions or {}).items()}
         self.skipped: dict[int, dict] = {int(k): dict(v) for k, v in (skipped or {}).items()}
@@ -200,6 +226,10 @@ class StreamState:
         self.fingerprint = fingerprint
         self.shards_read: dict[int, int] = {}
         self.first_bad: dict[int, tuple] = {}
+        # data.sources: per worker, per source [samples, skipped samples, skipped shards]
+        self.sources: dict[int, dict] = {int(k): dict(v) for k, v in (sources or {}).items()}
+        self.resumed = resumed  # the saved position was taken up (not a fresh or restarted one)
+        self.ended: list[str] = []  # notes of sources whose running out ends the run
 
     def update(self, batch: dict) -> None:
         self.batches += 1
@@ -208,6 +238,20 @@ class StreamState:
         self.skipped[wid] = batch["skipped"]
         self.shards_read[wid] = batch["shards_read"]
         self.first_bad[wid] = tuple(batch["first_bad"])
+        if "sources" in batch:
+            self.sources[wid] = batch["sources"]
+        if "ended" in batch:
+            self.ended.append(batch["ended"])
+
+    def source_totals(self) -> dict[str, list[int]]:
+        """Per source, over this rank's workers: [samples used, samples skipped, shards
+        skipped] (``mixture.COUNTERS``; empty without data.sources)."""
+        out: dict[str, list[int]] = {}
+        for counters in self.sources.values():
+            for name, values in counters.items():
+                out[name] = [a + int(b) for a, b in zip(out.get(name, [0] * len(values)),
+                                                        values)]
+        return out
 
     def first_bad_shards(self) -> list[str]:
         return [name for names in self.first_bad.values() for name in names]
@@ -221,9 +265,12 @@ class StreamState:
         return out
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "workers": self.workers, "world_size": self.world_size,
-                "positions": dict(self.positions), "skipped": dict(self.skipped),
-                "batches": self.batches, "fingerprint": self.fingerprint}
+        out = {"format": STATE_FORMAT, "workers": self.workers, "world_size": self.world_size,
+               "positions": dict(self.positions), "skipped": dict(self.skipped),
+               "batches": self.batches, "fingerprint": self.fingerprint}
+        if self.sources:
+            out["sources"] = dict(self.sources)
+        return out
 
 
 class TrainLoader:
@@ -306,7 +353,7 @@ def _set_flag(flag) -> None:
 def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                        rank: int, world_size: int, state: Optional[dict] = None,
                        restart_seed: int = 0, masking: Optional[Masking] = None,
-                       urls: Optional[list[str]] = None,
+                       urls=None,
                        stop_signals: tuple = (),
                        multicrop: Optional[MultiCrop] = None,
                        pin_memory: bool = False,
@@ -314,24 +361,30 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
-    shard list, if already expanded (by ``shard_list``). ``stop_signals``: the signals the main
+    shard lists, if already expanded (``expand_sources``: a list, or with data.sources each
+    source's by name). ``stop_signals``: the signals the main
     process handles; the workers do not die of them (``WorkerSignals``). ``multicrop``: SILC's
     views instead of one crop per sample. ``pin_memory``: batches in page-locked memory, for
     non-blocking copies to a GPU. ``deaths_file``: where a dead worker's shard is recorded;
     the shards it lists are skipped unread (as bad shards)."""
     workers = cfg.workers
-    urls = urls if urls is not None else shard_list(cfg.train_shards)
+    urls = urls if urls is not None else expand_sources(cfg)
+    sources = resolve_sources(cfg, urls)
+    flat = [u for source in sources for u in source.urls]
     # What a saved position means depends on all of these; if one changed, replaying would
     # silently read other samples, so the stream restarts with fresh seeds instead.
-    fingerprint = [world_size, max(1, workers), len(urls),
-                   zlib.crc32("\n".join(urls).encode()), max(1, cfg.shuffle_buffer),
+    fingerprint = [world_size, max(1, workers), len(flat),
+                   zlib.crc32("\n".join(flat).encode()), max(1, cfg.shuffle_buffer),
                    cfg.resampled, cfg.seed]
+    if cfg.sources:  # train_shards alone: the fingerprint it always had
+        fingerprint.append(sources_fingerprint(sources))
     start, stream_seed = None, 0
     kept = StreamState(max(1, workers), world_size, fingerprint=fingerprint)
     if state:
         if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
             kept = StreamState(state["workers"], world_size, state["positions"],
-                               state["skipped"], state["batches"], fingerprint)
+                               state["skipped"], state["batches"], fingerprint,
+                               state.get("sources"), resumed=True)
             start = kept.positions
         else:
             stream_seed = restart_seed
@@ -355,4 +408,4 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                         pin_memory=pin_memory,
                         timeout=cfg.loader_timeout_s if workers > 0 else 0,
                         worker_init_fn=on_start)
-    return TrainLoader(loader, kept, urls, status, closing, deaths_file)
+    return TrainLoader(loader, kept, flat, status, closing, deaths_file)

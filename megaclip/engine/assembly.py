@@ -30,7 +30,7 @@ from megaclip.checkpoint.train_state import TrainState, check_tokenizer, tokeniz
 from megaclip.config import Config, save_resolved
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import masking_for
-from megaclip.data.shards import shard_list
+from megaclip.data.mixture import expand_sources
 from megaclip.data.stream import TrainLoader, build_train_loader
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop
@@ -185,7 +185,7 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
 
 
 def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: TrainState,
-                 urls: list[str]) -> TrainLoader:
+                 urls) -> TrainLoader:
     """This rank's stream, from the position ``state`` restored (or the start)."""
     v, obj = cfg.model.vision, cfg.objective
     return build_train_loader(
@@ -229,7 +229,7 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
     process = start_process(ds_config, ds_source, tuple(cfg.train.stop_signals),
                             dist_timeout_min=cfg.train.dist_timeout_min)
     # Checked by rank 0 alone and shared: fail fast, before any rank builds a model.
-    urls = shard_list(cfg.data.train_shards)
+    urls = expand_sources(cfg.data)
     torch.manual_seed(cfg.train.seed)
     tokenizer = Tokenizer(cfg.data.tokenizer, context_length(cfg.model))
     cfg = resolve_config(cfg, tokenizer.vocab_size)
@@ -296,6 +296,11 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
                 if run.peak_tflops else "no MFU (peak TFLOP/s unknown for this device "
                 "and dtype; set train.peak_tflops)")
              + (f"; {p.extensions}" if p.extensions else ""))
+    data = run.cfg.data
+    if data.sources:
+        log.text("data sources (weight): " + ", ".join(f"{s.name} ({s.weight:g})"
+                                                      for s in data.sources)
+                 + f"; a source that runs out: {data.on_source_exhausted}")
     hosts = [None] * p.world_size
     torch.distributed.all_gather_object(hosts, cluster.host_description())
     by_host: dict[str, list[int]] = {}

@@ -86,10 +86,11 @@ class StepGuard:
         return line
 
 
-def reduce_step_flags(stop: tuple[float, float], term_flags: torch.Tensor,
-                      device: torch.device) -> tuple[tuple[float, float], list[float]]:
+def reduce_step_flags(stop: tuple[float, ...], term_flags: torch.Tensor,
+                      device: torch.device) -> tuple[tuple[float, ...], list[float]]:
     """One all-reduce per step: how many ranks received a requeue signal and another stop signal
-    (``StopSignal.flags``), and per term how many ranks saw it non-finite.
+    (``StopSignal.flags``; after them, any other reason to stop, such as a data source that
+    ran out), and per term how many ranks saw it non-finite.
 
     Its read-back is the one host synchronisation of an optimiser step that does not log, and
     it is there by necessity: whether to stop (a signal on any rank) and whether the step was
@@ -97,7 +98,6 @@ def reduce_step_flags(stop: tuple[float, float], term_flags: torch.Tensor,
     and DeepSpeed's optimiser step makes the same wait anyway (it reads on the host whether
     the global gradient norm is finite, ``is_invalid_grad_norm``). Micro-steps within the step
     accumulate the flags on the device (``local_flags``) and read nothing."""
-    packed = torch.cat([term_flags.new_full((1,), float(stop[0])),
-                        term_flags.new_full((1,), float(stop[1])), term_flags])
+    packed = torch.cat([*(term_flags.new_full((1,), float(flag)) for flag in stop), term_flags])
     summed = all_reduce_sum(packed).tolist()
-    return (summed[0], summed[1]), summed[2:]
+    return tuple(summed[:len(stop)]), summed[len(stop):]

@@ -91,7 +91,7 @@ class MetricLogger:
             return
         parts = [f"step {step}/{self.total}"]
         for k, v in values.items():
-            parts.append(f"{k} {v:.4g}")
+            parts.append(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}")  # counts whole
         parts.append("eta " + duration(values.get("step_time_s", 0.0) * (self.total - step)))
         print(" | ".join(parts), flush=True)
 

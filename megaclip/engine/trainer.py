@@ -9,6 +9,7 @@ import torch
 
 from megaclip import cluster
 from megaclip.checkpoint.folder import latest_checkpoint, write_json
+from megaclip.data.mixture import COUNTERS
 from megaclip.data.shard_order import FIRST_BAD_NAMED
 from megaclip.data.stream import SKIP_KINDS, bad_shards_over_limit
 from megaclip.distributed import all_reduce_sum
@@ -84,21 +85,28 @@ class Trainer:
         last = (cfg.train.steps if not self.stop_after
                 else min(cfg.train.steps, state.step + self.stop_after))
         window, results = LogWindow(state.step), {}
+        if self._data_ran_out_before():
+            return {}
         while state.step < last:
             lr = self._prepare_step()
             step_terms, flags = self._step(it, window)
-            # One all-reduce: the stop flag and, per term, the ranks where it was not finite.
+            # One all-reduce: the stop flags (signals, a data source that ran out) and, per
+            # term, the ranks where it was not finite.
             stop, bad = reduce_step_flags(
-                self.run.process.stop_signal.flags(cfg.train.requeue_signals), flags, self.device)
-            log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == last
+                (*self.run.process.stop_signal.flags(cfg.train.requeue_signals),
+                 float(bool(self.run.loader.state.ended))), flags, self.device)
+            log_now = ((state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == last
+                       or stop[2] > 0)
             last_values = self._after_step(step_terms, bad, window, log_now)
             if log_now:
                 self._log(window, last_values, lr)
                 window = LogWindow(state.step)
+            if stop[2]:  # the end of the data: the end of training, not a pre-emption
+                return self._stop_for_data(int(stop[2]))
             # A stop signal is heard before this step's evaluation and periodic checkpoint, so
             # the grace time before SIGKILL goes to the checkpoint alone.
-            if sum(stop):
-                return self._stop_for_signal(requeue=cluster.asks_requeue(*stop))
+            if sum(stop[:2]):
+                return self._stop_for_signal(requeue=cluster.asks_requeue(*stop[:2]))
             results = self._evaluate_and_save(window) or results
         return self._finish(results)
 
@@ -209,12 +217,44 @@ class Trainer:
             return {}
         if eval_set and not (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
             results = self.evaluate()
+        self._report_final(results)
+        return results
+
+    def _report_final(self, results: dict) -> None:
+        eval_set = self.run.eval_set
         if results and self.run.process.rank == 0:
             self.log.text(f"final zero-shot top-1 {results['zeroshot_top1']:.4f} on the held-out "
                           f"split ({len(eval_set.classnames)} classes, chance "
-                          f"{1 / len(eval_set.classnames):.4f}) after {step} steps")
+                          f"{1 / len(eval_set.classnames):.4f}) after {self.state.step} steps")
         self.log.close()
+
+    def _stop_for_data(self, ranks: int) -> dict:
+        """A source ran out on ``ranks`` rank(s) under data.on_source_exhausted=stop: training
+        ends after this step, with a checkpoint that records why (a resume from it trains no
+        further) and the final evaluation."""
+        if self.teacher is not None:
+            self.teacher.settle()
+        notes = self.run.loader.state.ended
+        self.state.data_ended = notes[0] if notes else "a source ran out on another rank"
+        self.save()
+        self.log.text(f"training ends after step {self.state.step} of {self.cfg.train.steps}: "
+                      f"{self.state.data_ended} ({ranks} rank(s); data.on_source_exhausted=stop)")
+        results = self.evaluate() if self.run.eval_set else {}
+        self._report_final(results)
         return results
+
+    def _data_ran_out_before(self) -> bool:
+        """Resumed from the checkpoint that ended training when a source ran out: nothing is
+        left to train (every rank knows it from its own client state). A stream that restarted
+        (other sources) or data.on_source_exhausted=drop trains on."""
+        ended, state = self.state.data_ended, self.state
+        if ended and self.run.loader.state.resumed and self.cfg.data.on_source_exhausted == "stop":
+            self.log.text(f"nothing left to train: training ended at step {state.step} when "
+                          f"{ended} (data.on_source_exhausted=stop)")
+            self.log.close()
+            return True
+        state.data_ended = ""
+        return False
 
     def _stop_for_signal(self, requeue: bool) -> dict:
         """Checkpoint first (the grace time before SIGKILL is short), then requeue if the
@@ -265,6 +305,7 @@ class Trainer:
                                         run.process.world_size)
         # The same summed counts on every rank: all of them stop together, or none.
         counts, shards_read = counts[:-1], int(counts[-1])
+        per_source = self._source_counters()
         self._check_bad_shards(int(counts[SKIP_KINDS.index("shards")]), shards_read)
         step_time = (time.perf_counter() - (window.t_start + window.other_time)) / max(1, n_steps)
         per_device = run.global_batch / step_time / run.process.world_size
@@ -276,8 +317,20 @@ class Trainer:
                        **memory_figures(self.device)})
         values.update({f"skipped_{k}": c for k, c in zip(SKIP_KINDS, counts)
                        if c or k == "shards"})
-        self.log.scalars(step, values, "train/")
-        self.log.console(step, values)
+        self.log.scalars(step, {**{f"train/{k}": v for k, v in values.items()}, **per_source})
+        self.log.console(step, {**values, **per_source})
+
+    def _source_counters(self) -> dict[str, int]:
+        """``data/<source>/<counter>`` over every rank (cumulative; none without data.sources),
+        summed in int64: sample counts pass float32's exact range early in a run."""
+        names = [s.name for s in self.cfg.data.sources]
+        if not names:
+            return {}
+        totals = self.run.loader.state.source_totals()
+        flat = [v for name in names for v in totals.get(name, [0] * len(COUNTERS))]
+        summed = all_reduce_sum(torch.tensor(flat, dtype=torch.int64).to(self.device)).tolist()
+        return {f"data/{name}/{counter}": summed[i * len(COUNTERS) + j]
+                for i, name in enumerate(names) for j, counter in enumerate(COUNTERS)}
 
     def _check_bad_shards(self, bad: int, read: int) -> None:
         fraction = self.cfg.data.max_bad_shard_fraction
