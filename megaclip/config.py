@@ -448,7 +448,8 @@ def _validate_pretrained(cfg: Config, check) -> None:
           f"{list(m.init_from_towers)}")
     check(not m.init_from_towers or where,
           "model.init_from_towers needs model.init_from (the file to load them from)")
-    for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+    for tower, key in (("image", "lock_image_unlocked_groups"),
+                       ("text", "lock_text_unlocked_layers")):
         value = getattr(m, key)
         check(value >= 0, f"model.{key} must be >= 0, got {value}")
         check(not value or getattr(m, f"lock_{tower}"),

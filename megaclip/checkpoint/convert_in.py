@@ -167,7 +167,7 @@ def _text_pos(pos_LW: torch.Tensor, want_shape: tuple, notes: list[str]) -> torc
     return pos_LW
 
 
-def _pre_norm(t: _Taker, src: str, cfg: ModelConfig, shapes: dict) -> None:
+def _pre_norm(t: _Taker, src: str, cfg: ModelConfig) -> None:
     """CLIP's ln_pre: the file and ``model.vision.pre_norm`` must agree."""
     has = src + "weight" in t.state
     if has and not cfg.vision.pre_norm:
@@ -194,10 +194,12 @@ def _open_clip_image(t: _Taker, cfg: ModelConfig, shapes: dict, notes: list[str]
     p = "visual."
     t.take(p + "conv1.weight", TRUNK + "patch_embed.proj.weight")
     _patch_bias(t, p + "conv1.bias", shapes, notes)
-    t.take(p + "class_embedding", TRUNK + "cls_token", t.state[p + "class_embedding"].reshape(1, 1, -1))
+    t.take(p + "class_embedding", TRUNK + "cls_token",
+           t.state[p + "class_embedding"].reshape(1, 1, -1))
     t.take(p + "positional_embedding", TRUNK + "pos_embed",
-           _image_pos(t.state[p + "positional_embedding"][None], shapes[TRUNK + "pos_embed"], notes))
-    _pre_norm(t, p + "ln_pre.", cfg, shapes)
+           _image_pos(t.state[p + "positional_embedding"][None], shapes[TRUNK + "pos_embed"],
+                      notes))
+    _pre_norm(t, p + "ln_pre.", cfg)
     t.blocks(p + "transformer.resblocks.", TRUNK + "blocks.", cfg.vision.depth,
              "model.vision.depth", open_clip=True)
     for leaf in ("weight", "bias"):
@@ -218,7 +220,7 @@ def _timm_trunk(t: _Taker, p: str, cfg: ModelConfig, shapes: dict, notes: list[s
            _image_pos(t.state[p + "pos_embed"], shapes[TRUNK + "pos_embed"], notes))
     t.take(p + "patch_embed.proj.weight", TRUNK + "patch_embed.proj.weight")
     _patch_bias(t, p + "patch_embed.proj.bias", shapes, notes)
-    _pre_norm(t, p + "norm_pre.", cfg, shapes)
+    _pre_norm(t, p + "norm_pre.", cfg)
     t.blocks(p + "blocks.", TRUNK + "blocks.", cfg.vision.depth, "model.vision.depth",
              open_clip=False)
     for leaf in ("weight", "bias"):

@@ -81,8 +81,10 @@ def _torch_load(path: str):
             if "TorchScript" in text:
                 raise UserError(f"model.init_from: {path} is a TorchScript archive (a program, "
                                 f"as OpenAI's original CLIP files are): megaclip does not run "
-                                f"it; load it with open_clip once and save its state_dict") from None
-            raise UserError(f"model.init_from: cannot read {path} ({text.splitlines()[0]})") from None
+                                f"it; load it with open_clip once and save its state_dict"
+                                ) from None
+            raise UserError(f"model.init_from: cannot read {path} ({text.splitlines()[0]})"
+                            ) from None
     raise AssertionError("unreachable")
 
 

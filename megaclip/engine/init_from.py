@@ -3,8 +3,8 @@
 Under ZeRO-3 rank 0 alone reads the file and converts it (``checkpoint/pretrained.py``,
 ``checkpoint/convert_in.py``); every rank then gathers one module at a time, as
 ``init_weights`` does, rank 0 writes the module's tensors and the gather's exit partitions them
-to every rank (``zero3.write_whole``). So no rank holds more than the file and one whole module, and only rank 0 reads
-the file. Without ZeRO-3 every rank holds the whole model anyway and reads the file itself.
+to every rank (``zero3.write_whole``). So no rank holds more than the file and one whole
+module, and only rank 0 reads the file. Without ZeRO-3 every rank holds the whole model anyway and reads the file itself.
 A problem with the file (a crafted pickle, a mismatched shape, an architecture option the
 config lacks) is every rank's ``UserError`` before anything is written.
 """

@@ -123,7 +123,8 @@ def _group_layout(model: dict, optim: dict) -> dict[str, object]:
     from a config's ``model`` and ``optim`` sections as plain mappings (older configs lack them:
     the defaults)."""
     out: dict[str, object] = {}
-    for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+    for tower, key in (("image", "lock_image_unlocked_groups"),
+                       ("text", "lock_text_unlocked_layers")):
         out[f"model.lock_{tower}"] = bool(model.get(f"lock_{tower}", False))
         if out[f"model.lock_{tower}"]:
             out[f"model.{key}"] = int(model.get(key, 0))
