@@ -83,6 +83,18 @@ class ModelConfig:
     zero3_leaf_blocks: bool = True
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
+    # Pretrained weights, read at the first start only (a resumed run takes its checkpoint's):
+    # a local open_clip or timm file (.safetensors, .bin, .pt, .pth) or a folder holding one.
+    init_from: str = ""
+    # Which parts to load from it: image, text, logit_scale; empty: every part the file holds.
+    init_from_towers: tuple = ()
+    # LiT: a locked tower gets no updates (open_clip's --lock-image / --lock-text), but for its
+    # last N groups (open_clip's: embeddings, each block, the last block with the final norm,
+    # the projection).
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,9 @@ class OptimConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-8
     warmup_steps: int = 2000
+    # Learning rate per layer as BEiT/EVA, per tower: embeddings x decay^(depth + 1), block i x
+    # decay^(depth - i), final norm, projection, logit scale, heads and decoders x 1. 1.0: off.
+    layer_decay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -422,6 +437,35 @@ def validate(cfg: Config) -> None:
           f"eval.probe_encoder must be 'student' or 'teacher', got '{cfg.eval.probe_encoder}'")
     check(cfg.eval.probe_encoder == "student" or cfg.objective.uses_teacher,
           "eval.probe_encoder=teacher needs an objective with an EMA teacher")
+    _validate_pretrained(cfg, check)
+
+
+INIT_PARTS = ("image", "text", "logit_scale")  # what model.init_from_towers may name
+
+
+def _validate_pretrained(cfg: Config, check) -> None:
+    """model.init_from / init_from_towers / lock_*, optim.layer_decay."""
+    m = cfg.model
+    where = m.init_from.strip()
+    check(not (where.startswith("hf-hub:") or "://" in where),
+          f"model.init_from takes a local file or folder, not '{where}': megaclip reads no "
+          f"network at run time; download it first (e.g. huggingface-cli download <repo> "
+          f"--local-dir <folder>) and give that folder")
+    unknown = [t for t in m.init_from_towers if t not in INIT_PARTS]
+    check(not unknown and len(set(m.init_from_towers)) == len(m.init_from_towers),
+          f"model.init_from_towers takes distinct names among {', '.join(INIT_PARTS)}; got "
+          f"{list(m.init_from_towers)}")
+    check(not m.init_from_towers or where,
+          "model.init_from_towers needs model.init_from (the file to load them from)")
+    for tower, key in (("image", "lock_image_unlocked_groups"),
+                       ("text", "lock_text_unlocked_layers")):
+        value = getattr(m, key)
+        check(value >= 0, f"model.{key} must be >= 0, got {value}")
+        check(not value or getattr(m, f"lock_{tower}"),
+              f"model.{key} needs model.lock_{tower}=true (it unlocks the last groups of a "
+              f"locked tower)")
+    check(0 < cfg.optim.layer_decay <= 1,
+          f"optim.layer_decay must be in (0, 1] (1: off), got {cfg.optim.layer_decay:g}")
 
 
 def validate_towers(cfg: Config, check) -> None:

@@ -97,3 +97,24 @@ def _check_leaves_run_once(model: nn.Module, leaves: dict[str, list[nn.Module]])
     if leaves:
         model.register_forward_pre_hook(reset)
         model.register_forward_hook(check)
+
+
+def write_whole(model: nn.Module, names: Iterable[str], values: dict, writes: bool) -> None:
+    """Write whole tensors into the parameters ``names`` of ``model``, one module at a time:
+    under ZeRO-3 each module's parameters are gathered, the writing rank (rank 0) copies its
+    ``values`` in, and the gather's exit partitions them to every rank; without ZeRO-3 every
+    rank writes its own. Every rank calls it with the same ``names``; ``values`` (by name) is
+    read only where ``writes``, and each value is dropped from it once written, so memory holds
+    what is left of it and one module."""
+    names = set(names)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            prefix = module_name + "." if module_name else ""
+            own = [(prefix + n, p) for n, p in module.named_parameters(recurse=False)
+                   if prefix + n in names]
+            if not own:
+                continue
+            with gathered([p for _, p in own], modifier_rank=0):
+                if writes:
+                    for name, p in own:
+                        p.data.copy_(values.pop(name).reshape(p.shape))

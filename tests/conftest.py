@@ -21,6 +21,34 @@ def synthetic(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo group for zero.Init and in-process DeepSpeed engines, torn down with the
+    environment it needed, so that later tests (and the processes they start) inherit neither.
+    DeepSpeed keeps the groups it made from the old process group (``deepspeed.utils.groups``):
+    they are forgotten on both ends, so a later module's group is the one DeepSpeed uses."""
+    import torch.distributed as dist
+    from megaclip.distributed import default_env, init_distributed
+    saved = dict(os.environ)
+    _forget_deepspeed_groups()
+    default_env()
+    try:
+        init_distributed(dist_backend="gloo")
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _forget_deepspeed_groups()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _forget_deepspeed_groups() -> None:
+    from deepspeed.utils import groups
+    groups._WORLD_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+
+
 def shared_memory_buffers() -> set:
     """DeepSpeed's CPU all-reduce buffers in /dev/shm (66 MB of RAM each): a run, killed or not,
     must leave none behind."""

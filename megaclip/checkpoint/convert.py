@@ -110,11 +110,16 @@ def open_clip_model_config(cfg: ModelConfig, contrastive: str, eos_id: int, pad_
     return out
 
 
+# timm ``Block`` name -> open_clip ``ResidualAttentionBlock`` name (prefixes of the parameter
+# names; timm's packed qkv is laid out as open_clip's in_proj: q, k, v rows).
+OPEN_CLIP_BLOCK_NAMES = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight",
+                         "attn.qkv.bias": "attn.in_proj_bias", "attn.proj": "attn.out_proj",
+                         "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
 def _blocks_to_open_clip(state: dict, src: str, dst: str, depth: int) -> dict:
     """timm ``Block`` i under ``src`` -> open_clip ``ResidualAttentionBlock`` i under ``dst``."""
-    names = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight",
-             "attn.qkv.bias": "attn.in_proj_bias", "attn.proj": "attn.out_proj",
-             "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    names = OPEN_CLIP_BLOCK_NAMES
     out = {}
     for i in range(depth):
         prefix = f"{src}blocks.{i}."

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megaclip.checkpoint.folder import (MARKER, TMP_SUFFIX, fsync_dir, is_complete,
                                         latest_checkpoint, marker, publish, tag_for,
                                         write_marker)
+from megaclip.checkpoint.frozen import restore_frozen
 from megaclip.checkpoint.safe_load import check_files, weights_only_env, weights_only_loads
 from megaclip.config import save_resolved
 from megaclip.distributed import barrier, on_rank0, rank, world
@@ -251,6 +252,9 @@ def load(engine, tag_dir: str, scratch: str, conversion_timeout_s: Optional[floa
         for group, kept in zip(inner.param_groups, groups):
             group.update(kept)
         _own_step_tensors(inner)
+        # The universal checkpoint has the optimiser's parameters only: locked ones come back
+        # from the model-states files.
+        restore_frozen(engine.module, tag_dir, saved_ws)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if universal is not None:

@@ -3,21 +3,22 @@
 1. ``start_process``: this rank's device (before any model, tensor, process group or data
    worker), the precision check, the stop-signal handlers, the process group;
 2. the tokenizer and ``resolve_config``: the config resolved once, read-only afterwards;
-3. ``build_training``: DeepSpeed config, model (partitioned as it is created under ZeRO-3),
-   optimiser, engine, the objective's loss, the EMA teacher;
-4. ``resume``: the output folder locked and tidied, the checkpoint chosen and restored into the
-   ``TrainState``;
-5. the data stream (from the restored position), the evaluation set and the logger.
+3. ``choose_checkpoint``: the output folder locked and tidied, the checkpoint to resume from
+   chosen (a fresh start loads ``model.init_from``, a resumed run does not);
+4. ``build_training``: DeepSpeed config, model (partitioned as it is created under ZeRO-3),
+   pretrained weights, locked towers, optimiser, engine, the objective's loss, the EMA teacher;
+5. ``resume``: the checkpoint restored into the ``TrainState``;
+6. the data stream (from the restored position), the evaluation set and the logger.
 
 ``build_run`` runs them all for training; the benchmark (``bench/objectives.py``) runs 1, the
-config resolution and 3.
+config resolution and 4.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -38,9 +39,11 @@ from megaclip.engine.accum import accumulates_negatives
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.guard import StepGuard
 from megaclip.engine.metrics import MetricLogger, peak_tflops
-from megaclip.engine.optim import build_optimizer, param_groups
+from megaclip.engine.init_from import load_init_weights
+from megaclip.engine.optim import build_optimizer, check_group_layout, groups_summary, param_groups
 from megaclip.extensions import setup_extensions
 from megaclip.models.build import build_model
+from megaclip.models.layers import check_locks, depths, lock_towers
 from megaclip.models.presets import check_multicrop, context_length, resolve_model_config
 from megaclip.objectives.flops import train_flops_per_sample
 from megaclip.objectives.loss import ObjectiveLoss
@@ -88,6 +91,7 @@ def resolve_config(cfg: Config, vocab_size: int) -> Config:
     """Fill what the experiment file leaves to the model preset and the tokenizer."""
     model = resolve_model_config(cfg.model, vocab_size)
     check_multicrop(model, cfg.objective)
+    check_locks(model, cfg.objective)
     return dataclasses.replace(cfg, model=model)
 
 
@@ -104,6 +108,7 @@ class Training:
     optimizer_kind: str  # its class, recorded in every checkpoint
     objective: ObjectiveLoss
     teacher: Optional[EmaTeacher]
+    notes: list = field(default_factory=list)  # for the log: pretrained weights, locks, groups
 
     def num_params(self) -> int:
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -111,39 +116,64 @@ class Training:
 
 
 def build_training(cfg: Config, ds_config: dict, world_size: int, device: torch.device,
-                   ds_source: str = "DeepSpeed config") -> Training:
-    """DeepSpeed config -> model (``zero.Init`` under ZeRO-3) -> optimiser -> engine -> the
-    objective's loss -> EMA teacher, from a resolved ``cfg``."""
+                   ds_source: str = "DeepSpeed config", fresh: bool = True) -> Training:
+    """DeepSpeed config -> model (``zero.Init`` under ZeRO-3) -> pretrained weights
+    (``model.init_from``, when ``fresh``: not for a run that resumes) -> locked towers ->
+    optimiser -> engine -> the objective's loss -> EMA teacher (so it starts from the loaded
+    weights), from a resolved ``cfg``."""
     import deepspeed
     ds = merge_ds_config(ds_config, cfg.train, world_size, ds_source)
     dtype, stage = model_dtype(ds), zero_stage(ds)
     zero3 = ds if stage == 3 else None
     model = build_model(cfg.model, cfg.objective, cfg.train.seed, zero3, dtype)
-    optimizer, optimizer_name = build_optimizer(
-        cfg.optim, param_groups(model, cfg.optim.weight_decay), device.type)
+    notes = []
+    if cfg.model.init_from:
+        notes += (load_init_weights(model, cfg.model) if fresh else
+                  [f"init_from: {cfg.model.init_from} not read: the run resumes from a "
+                   f"checkpoint, whose weights it takes"])
+    locked = lock_towers(model, cfg.model)
+    notes += [f"{tower} tower locked: {n} parameter tensors get no updates"
+              for tower, n in locked.items() if n]
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay,
+                          depths(cfg.model))
+    notes += [line for line in [groups_summary(groups, cfg.optim.layer_decay)] if line]
+    optimizer, optimizer_name = build_optimizer(cfg.optim, groups, device.type)
     kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     objective = ObjectiveLoss(cfg.objective, cfg.train.steps).to(device)
     teacher = None
     if cfg.objective.uses_teacher:
         teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, zero3, dtype, device)
-    return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher)
+    return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher,
+                    notes)
+
+
+def choose_checkpoint(ckpt_root: str, resume_arg: Optional[str]
+                      ) -> tuple[Optional[str], list[str]]:
+    """Lock and tidy the checkpoint folder (what interrupted writes left is finished or removed,
+    never resumed from as is) and choose the checkpoint (rank 0; every rank checks it).
+    Returns (the checkpoint to resume from or None, notes for the log)."""
+    notes = list(on_rank0(checkpoint_folder.prepare_output, ckpt_root, resume_arg))
+    return choose_resume(ckpt_root, resume_arg), notes
 
 
 def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Optional[str],
-           eval_dir: Optional[str] = None, conversion_timeout_s: Optional[float] = None
+           eval_dir: Optional[str] = None, conversion_timeout_s: Optional[float] = None,
+           chosen: Optional[tuple[Optional[str], list[str]]] = None, cfg: Optional[Config] = None
            ) -> tuple[Optional[str], list[str]]:
-    """Lock and tidy the checkpoint folder (what interrupted writes left is finished or removed,
-    never resumed from as is), choose the checkpoint (rank 0; every rank checks it), check it
-    was trained with this run's tokenizer file and restore it into ``state``. Returns (the
-    checkpoint resumed from or None, notes for the log). ``eval_dir``: where the run writes its
-    ``eval_stepN.json`` (those newer than the checkpoint are moved aside with its newer
-    checkpoints); ``conversion_timeout_s``: how long ranks wait for rank 0 to convert a
-    checkpoint of another world size (None: ``io.load``'s default)."""
-    notes = list(on_rank0(checkpoint_folder.prepare_output, ckpt_root, resume_arg))
-    resume_dir = choose_resume(ckpt_root, resume_arg)
+    """Choose the checkpoint (``choose_checkpoint``, unless ``chosen`` is its answer), check it
+    was trained with this run's tokenizer file (and, given ``cfg``, the same parameter groups)
+    and restore it into ``state``. Returns (the checkpoint resumed from or None, notes for the
+    log). ``eval_dir``: where the run writes its ``eval_stepN.json`` (those newer than the
+    checkpoint are moved aside with its newer checkpoints); ``conversion_timeout_s``: how long
+    ranks wait for rank 0 to convert a checkpoint of another world size (None: ``io.load``'s
+    default)."""
+    resume_dir, notes = chosen if chosen is not None else choose_checkpoint(ckpt_root, resume_arg)
+    notes = list(notes)
     if resume_dir is not None:
         check_optimizer(resume_dir, training.optimizer_kind)
+        if cfg is not None:
+            check_group_layout(resume_dir, cfg)
         if state.tokenizer is not None:
             notes += on_rank0(check_tokenizer, resume_dir, state.tokenizer["path"])
         state.restore(training.engine, resume_dir, ckpt_root, conversion_timeout_s)
@@ -205,13 +235,16 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
     cfg = resolve_config(cfg, tokenizer.vocab_size)
     if cfg.model.text.context_length != tokenizer.context_length:  # an invariant
         raise AssertionError("tokenizer built with another context length")
-    training = build_training(cfg, ds_config, process.world_size, process.device, ds_source)
-    state = TrainState(StepGuard(cfg.train.max_skipped_steps_in_a_row), training.objective,
-                       training.teacher, on_rank0(tokenizer_record, cfg.data.tokenizer))
     out_dir = cfg.train.output_dir
     ckpt_root = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+    chosen = choose_checkpoint(ckpt_root, resume_arg)
+    training = build_training(cfg, ds_config, process.world_size, process.device, ds_source,
+                              fresh=chosen[0] is None)
+    state = TrainState(StepGuard(cfg.train.max_skipped_steps_in_a_row), training.objective,
+                       training.teacher, on_rank0(tokenizer_record, cfg.data.tokenizer))
     resume_dir, notes = resume(state, training, ckpt_root, resume_arg, os.path.abspath(out_dir),
-                               60 * cfg.train.universal_conversion_timeout_min)
+                               60 * cfg.train.universal_conversion_timeout_min, chosen, cfg)
+    notes = training.notes + notes
     loader = build_loader(cfg, tokenizer, process, state, urls)
     d = cfg.data
     eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size, d.mean,

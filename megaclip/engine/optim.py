@@ -1,28 +1,72 @@
-"""Parameter groups (decoupled weight decay) and the choice of fused Adam."""
+"""Parameter groups (decoupled weight decay, layer-wise learning rates) and the choice of fused
+Adam."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from megaclip.config import OptimConfig
+from megaclip.models.layers import layer_scale, tower_part
 from megaclip.distributed import all_reduce_sum, rank_device
 from megaclip.errors import UserError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 depth: Optional[dict[str, int]] = None) -> list[dict]:
     """No decay on biases, norms, embeddings, class token, position embeddings, logit scale.
+    Locked parameters (``requires_grad`` off) are left out.
+
+    With ``layer_decay`` below 1 (``depth``: each tower's number of blocks), each (tower part,
+    decay or not) is a group of its own whose ``lr_scale`` is BEiT's layer decay
+    (``models/layers.py``); the step's learning rate is ``lr_scale`` x the schedule's
+    (``set_lr``). Which groups exist depends on the towers' depths and the locks only, not on
+    the decay's value.
 
     Under ZeRO-3 a parameter's local tensor is a flat shard; its real shape is ``ds_shape``.
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))
-        (no_decay if ndim < 2 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        decays = not (ndim < 2 or name in skip)
+        kind = "decay" if decays else "no_decay"
+        if layer_decay == 1.0:
+            key, scale, label = (kind,), None, kind
+        else:
+            where = tower_part(name, depth)
+            tower, part = where if where is not None else ("other", -1)
+            scale = layer_scale(None if where is None else part, depth.get(tower, 0), layer_decay)
+            key = (tower, part, kind)
+            label = f"{tower}.{part}/{kind}" if where is not None else f"other/{kind}"
+        group = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decays
+                                        else 0.0, "name": label})
+        if scale is not None:
+            group["lr_scale"] = scale
+        group["params"].append(p)
+    if layer_decay == 1.0:  # the two groups every earlier run had, in their order
+        return [groups[(k,)] for k in ("decay", "no_decay") if (k,) in groups]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1], k[2]))]
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The step's learning rate into every group: ``lr`` x the group's ``lr_scale`` (1 without
+    layer decay). DeepSpeed's optimisers keep the groups' extra keys, so this is read off the
+    groups the engine steps with."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def groups_summary(groups: list[dict], layer_decay: float) -> str:
+    """A line for the log: the groups and their learning-rate scales."""
+    if layer_decay == 1.0:
+        return ""
+    scales = sorted({g["lr_scale"] for g in groups})
+    return (f"layer decay {layer_decay:g}: {len(groups)} parameter groups, learning-rate scales "
+            f"from {scales[0]:.4g} to {scales[-1]:.4g}")
 
 
 def resolve_impl(impl: str, device_type: str) -> str:
@@ -72,3 +116,42 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], device_type: str
     if impl == "torch_fused":
         return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW (fused)"
     return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach)"
+
+
+def _group_layout(model: dict, optim: dict) -> dict[str, object]:
+    """The settings that decide which parameters the optimiser holds and how they are grouped,
+    from a config's ``model`` and ``optim`` sections as plain mappings (older configs lack them:
+    the defaults)."""
+    out: dict[str, object] = {}
+    for tower, key in (("image", "lock_image_unlocked_groups"),
+                       ("text", "lock_text_unlocked_layers")):
+        out[f"model.lock_{tower}"] = bool(model.get(f"lock_{tower}", False))
+        if out[f"model.lock_{tower}"]:
+            out[f"model.{key}"] = int(model.get(key, 0))
+    out["optim.layer_decay"] = "1 (off)" if float(optim.get("layer_decay", 1.0)) == 1.0 else "on"
+    return out
+
+
+def check_group_layout(tag_dir: str, cfg) -> None:
+    """A checkpoint's optimiser state fits this run only if the same parameters are trained in
+    the same groups: the locks and whether layer decay is on must be the checkpoint's (the
+    decay's value may change, as the learning rate may)."""
+    import os
+
+    import yaml
+
+    from megaclip.config import to_dict
+    path = os.path.join(tag_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    theirs = _group_layout(saved.get("model") or {}, saved.get("optim") or {})
+    ours = _group_layout(to_dict(cfg.model), to_dict(cfg.optim))
+    differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise UserError(f"checkpoint {tag_dir} was trained with "
+                        + ", ".join(f"{k}={theirs.get(k, '-')}" for k in differ)
+                        + "; this run has " + ", ".join(f"{k}={ours.get(k, '-')}" for k in differ)
+                        + ": its optimiser holds other parameters or groups, so it cannot resume "
+                          "this run; set them as the checkpoint has them")

@@ -17,6 +17,7 @@ from megaclip.engine.accum import accumulates_negatives, train_steps_accumulated
 from megaclip.engine.assembly import Run
 from megaclip.engine.guard import StepGuard, nan_injections, reduce_step_flags
 from megaclip.engine.metrics import memory_figures
+from megaclip.engine.optim import set_lr
 from megaclip.engine.schedules import warmup_cosine
 from megaclip.engine.step import to_device, train_step
 from megaclip.errors import UserError
@@ -111,12 +112,12 @@ class Trainer:
 
     # --------------------------------------------------------------------------- one step
     def _prepare_step(self) -> float:
-        """The step's learning rate into every group; DINO's frozen prototype layers at first."""
+        """The step's learning rate into every group (x its layer-decay scale); DINO's frozen
+        prototype layers at first."""
         cfg, step = self.cfg, self.state.step
         lr = warmup_cosine(step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                            cfg.optim.min_lr)
-        for group in self.run.training.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.run.training.optimizer, lr)  # x each group's layer-decay scale
         self.engine.train()
         obj, module = cfg.objective, self.engine.module
         for head, section in ((getattr(module, "distill_head", None), obj.mask_distill),

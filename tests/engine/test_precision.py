@@ -16,24 +16,6 @@ from megaclip.teacher.build import build_teacher_modules
 from tests.conftest import ROOT, run_tool, synthetic_overrides
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group for zero.Init, torn down with the environment it needed, so that
-    later tests (and the processes they start) inherit neither."""
-    import torch.distributed as dist
-    from megaclip.distributed import default_env, init_distributed
-    saved = dict(os.environ)
-    default_env()
-    try:
-        init_distributed(dist_backend="gloo")
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 # The CPUs seen: oneDNN with fp16 and bf16, and an AMD EPYC with neither (DeepSpeed's CPU
 # accelerator says bf16 regardless). The answers DeepSpeed gets are faked, so this test does
 # not depend on the CPU that runs it.
