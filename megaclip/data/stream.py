@@ -35,6 +35,7 @@ from megaclip.config import DataConfig
 from megaclip.data.decode import (BAD_KINDS, BadSample, BadSampleLog, decode_caption, load_image,
                                   open_image)
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
+from megaclip.data.plan import DataPlan
 from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
                                        derive_seed, shard_sequence, status_writer)
 from megaclip.data.shards import BadShard, read_shard, shard_list
@@ -55,20 +56,24 @@ class TrainStream(IterableDataset):
     view. ``images`` (B, 3, S, S) are uint8, normalised on the device (``to_device``). With
     ``multicrop`` (SILC), ``images`` is each sample's first global crop, ``views``
     (B, G-1, 3, S, S) its other global crops and ``local_views`` (B, L, 3, s, s) its local
-    crops, all drawn from the sample's seed. A problem that ends the run arrives as a batch
-    ``{"error": message}``."""
+    crops, all drawn from the sample's seed. With ``plan`` (a staged objective,
+    ``data/plan.py``) each micro-batch gets the masks and views of its step's stage instead.
+    A problem that ends the run arrives as a batch ``{"error": message}``."""
 
     def __init__(self, cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                  rank: int, world_size: int, start: Optional[dict[int, dict]] = None,
                  stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None,
                  urls: Optional[list[str]] = None, status=None,
-                 multicrop: Optional[MultiCrop] = None, refused: Optional[dict] = None):
+                 multicrop: Optional[MultiCrop] = None, refused: Optional[dict] = None,
+                 plan: Optional[DataPlan] = None):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
         self.refused = dict(refused or {})  # shard -> why it is skipped unread
         self.multicrop = multicrop
         self.masking = masking
-        self.ordinary_ids = (ordinary_token_ids(tokenizer)
-                             if masking is not None and masking.text is not None else None)
+        self.plan = plan
+        masks_text = (plan.masks_text() if plan is not None
+                      else masking is not None and masking.text is not None)
+        self.ordinary_ids = ordinary_token_ids(tokenizer) if masks_text else None
         self.rank, self.world_size = rank, world_size
         self.urls = urls if urls is not None else shard_list(cfg.train_shards)
         workers = max(1, cfg.workers)
@@ -105,6 +110,15 @@ class TrainStream(IterableDataset):
                             lambda block: derive_seed(self.seed, self.rank, wid, _SHUFFLE, block),
                             at)
 
+    def _stage(self, produced: int, nw: int, slot: int) -> tuple:
+        """(masking, multicrop) of this worker's next micro-batch: it has handed out
+        ``produced`` of them, and loader worker ``slot`` of ``nw`` hands out micro-batches
+        slot, slot + nw, ... of the loader (the DataLoader asks its workers in turn)."""
+        if self.plan is None:
+            return self.masking, self.multicrop
+        stage = self.plan.stage_of(produced * nw + slot)
+        return stage.masking, (self.multicrop if stage.multicrop else None)
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         nw = info.num_workers if info else 1
@@ -123,20 +137,22 @@ class TrainStream(IterableDataset):
                            at.bad_in_a_row)
         image_keys, image_formats = tuple(cfg.image_keys), tuple(cfg.image_formats)
         images, captions, seeds, views, local_views = [], [], [], [], []
+        produced = 0
+        masking, multicrop = self._stage(produced, nw, slot)
         for sample in raw:
             index = at.cursor - 1
             try:
                 caption = decode_caption(sample, cfg.caption_key, cfg.max_caption_bytes)
                 image = open_image(sample, image_keys, cfg.max_image_pixels, image_formats)
                 seed = derive_seed(self.seed, self.rank, wid, index)
-                if self.multicrop is None:  # the box first: it decides the JPEG draft size
+                if multicrop is None:  # the box first: it decides the JPEG draft size
                     source = image.size
                     box = self.crop.box(*source, seed)
                     image = load_image(image, self.crop.draft_size(*source, box)
                                        if cfg.jpeg_draft else None)
                     view = self.crop(image, box, source)
                 else:
-                    globals_, locals_ = seeded(self.multicrop, load_image(image), seed)
+                    globals_, locals_ = seeded(multicrop, load_image(image), seed)
             except BadSample as err:
                 bad.add(err, sample)
                 continue
@@ -144,14 +160,14 @@ class TrainStream(IterableDataset):
                 bad.add(BadSample("sample_error", f"{type(e).__name__}: {e}"), sample)
                 continue
             bad.good()
-            if self.multicrop is not None:
+            if multicrop is not None:
                 images.append(globals_[0])
                 views.append(globals_[1:])
                 local_views.append(locals_)
             else:
                 images.append(view)
             captions.append(caption)
-            if self.masking is not None:
+            if masking is not None:
                 seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
@@ -161,13 +177,15 @@ class TrainStream(IterableDataset):
                          "position": (wid, raw.position().to_dict()),
                          "skipped": {**bad.counts, "shards": shards.shards_bad},
                          "shards_read": shards.shards_read, "first_bad": shards.first_bad}
-                if self.multicrop is not None:
+                if multicrop is not None:
                     batch["views"], batch["local_views"] = (torch.stack(views),
                                                             torch.stack(local_views))
-                if self.masking is not None:
-                    batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
+                if masking is not None:
+                    batch.update(batch_masks(masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
                 images, captions, seeds, views, local_views = [], [], [], [], []
+                produced += 1
+                masking, multicrop = self._stage(produced, nw, slot)
 
 
 def _refused(url: str, why: str) -> Iterator[dict]:
@@ -310,7 +328,8 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                        stop_signals: tuple = (),
                        multicrop: Optional[MultiCrop] = None,
                        pin_memory: bool = False,
-                       deaths_file: Optional[str] = None) -> TrainLoader:
+                       deaths_file: Optional[str] = None,
+                       plan: Optional[DataPlan] = None) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
@@ -318,7 +337,8 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
     process handles; the workers do not die of them (``WorkerSignals``). ``multicrop``: SILC's
     views instead of one crop per sample. ``pin_memory``: batches in page-locked memory, for
     non-blocking copies to a GPU. ``deaths_file``: where a dead worker's shard is recorded;
-    the shards it lists are skipped unread (as bad shards)."""
+    the shards it lists are skipped unread (as bad shards). ``plan``: what each micro-batch
+    draws, by its step, for an objective whose terms start late (``data/plan.py``)."""
     workers = cfg.workers
     urls = urls if urls is not None else shard_list(cfg.train_shards)
     # What a saved position means depends on all of these; if one changed, replaying would
@@ -347,7 +367,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                                      f"{deaths_file})" for line in f if line.strip()}
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,
-                     status=status, multicrop=multicrop, refused=refused)
+                     status=status, multicrop=multicrop, refused=refused, plan=plan)
     closing = mp.Value("b", 0, lock=False) if workers > 0 else None
     on_start = WorkerSignals(stop_signals, closing) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,

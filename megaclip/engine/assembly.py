@@ -29,6 +29,7 @@ from megaclip.checkpoint.train_state import TrainState, check_tokenizer, tokeniz
 from megaclip.config import Config, save_resolved
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import masking_for
+from megaclip.data.plan import data_plan
 from megaclip.data.shards import shard_list
 from megaclip.data.stream import TrainLoader, build_train_loader
 from megaclip.data.tokenizer import Tokenizer
@@ -38,12 +39,13 @@ from megaclip.engine.accum import accumulates_negatives
 from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dtype, zero_stage
 from megaclip.engine.guard import StepGuard
 from megaclip.engine.metrics import MetricLogger, peak_tflops
-from megaclip.engine.optim import build_optimizer, param_groups
+from megaclip.engine.optim import build_optimizer, staged_param_groups
 from megaclip.extensions import setup_extensions
 from megaclip.models.build import build_model
 from megaclip.models.presets import check_multicrop, context_length, resolve_model_config
 from megaclip.objectives.flops import train_flops_per_sample
 from megaclip.objectives.loss import ObjectiveLoss
+from megaclip.objectives.stages import Stages
 from megaclip.teacher.build import build_ema_teacher
 from megaclip.teacher.ema import EmaTeacher
 
@@ -104,6 +106,10 @@ class Training:
     optimizer_kind: str  # its class, recorded in every checkpoint
     objective: ObjectiveLoss
     teacher: Optional[EmaTeacher]
+    # When the objective's terms start (objective.<term>.start_at), and the first step of each
+    # of the optimiser's parameter groups (0, or the start of the terms whose modules it holds).
+    stages: Optional[Stages] = None
+    group_starts: tuple = ()
 
     def num_params(self) -> int:
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -119,15 +125,19 @@ def build_training(cfg: Config, ds_config: dict, world_size: int, device: torch.
     dtype, stage = model_dtype(ds), zero_stage(ds)
     zero3 = ds if stage == 3 else None
     model = build_model(cfg.model, cfg.objective, cfg.train.seed, zero3, dtype)
-    optimizer, optimizer_name = build_optimizer(
-        cfg.optim, param_groups(model, cfg.optim.weight_decay), device.type)
+    stages = Stages(cfg.objective, cfg.train.steps)
+    groups, group_starts = staged_param_groups(model, cfg.optim.weight_decay,
+                                               stages.later_params())
+    optimizer, optimizer_name = build_optimizer(cfg.optim, groups, device.type)
     kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     objective = ObjectiveLoss(cfg.objective, cfg.train.steps).to(device)
     teacher = None
-    if cfg.objective.uses_teacher:
-        teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, zero3, dtype, device)
-    return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher)
+    if cfg.objective.uses_teacher:  # initialised now, or from the student when its terms start
+        teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, zero3, dtype, device,
+                                    initialise=stages.teacher_start == 0)
+    return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher,
+                    stages, tuple(group_starts))
 
 
 def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Optional[str],
@@ -155,8 +165,9 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
 
 
 def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: TrainState,
-                 urls: list[str]) -> TrainLoader:
-    """This rank's stream, from the position ``state`` restored (or the start)."""
+                 urls: list[str], stages: Optional[Stages] = None) -> TrainLoader:
+    """This rank's stream, from the position ``state`` restored (or the start); with
+    ``stages``, each micro-batch draws the views and masks of its step's stage."""
     v, obj = cfg.model.vision, cfg.objective
     return build_train_loader(
         cfg.data, v.image_size, tokenizer, cfg.train.micro_batch_size, process.rank,
@@ -166,7 +177,9 @@ def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: Tra
         multicrop=(MultiCrop(v.image_size, obj.local_global, cfg.data.crop_ratio)
                    if obj.uses_multicrop else None),
         pin_memory=process.device.type == "cuda",
-        deaths_file=os.path.join(cfg.train.output_dir, DEATHS_FILE))
+        deaths_file=os.path.join(cfg.train.output_dir, DEATHS_FILE),
+        plan=(data_plan(stages, v.image_size, v.patch_size, state.step,
+                        cfg.train.grad_accum_steps) if stages is not None else None))
 
 
 @dataclass
@@ -212,7 +225,7 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
     ckpt_root = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     resume_dir, notes = resume(state, training, ckpt_root, resume_arg, os.path.abspath(out_dir),
                                60 * cfg.train.universal_conversion_timeout_min)
-    loader = build_loader(cfg, tokenizer, process, state, urls)
+    loader = build_loader(cfg, tokenizer, process, state, urls, training.stages)
     d = cfg.data
     eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size, d.mean,
                         d.std, d.image_keys, d.caption_key, d.max_image_pixels, d.image_formats,
@@ -279,4 +292,11 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
                   if t.teacher.fragments is not None else "whole")
         log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
                  f"{full / 2**20:.2f} MiB ({held / full:.3f}), {layout}; its forward: "
-                 f"{t.teacher.describe_forward()}")
+                 f"{t.teacher.describe_forward()}"
+                 + ("" if t.teacher.initialised else
+                    f"; not in use before step {t.stages.teacher_start}"))
+    if t.stages is not None and t.stages.staged:
+        model, stages = run.cfg.model, t.stages
+        costs = ", ".join(f"{train_flops_per_sample(model, stages.at(b)) / 1e9:.3g}"
+                          for b in [0, *stages.boundaries])
+        log.text(f"{stages.describe()}; model GFLOPs per sample by stage: {costs}")
