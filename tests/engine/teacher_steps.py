@@ -265,6 +265,10 @@ def run_staged(spec: str, out_dir: str, steps: int) -> dict:
         objective.end_step(True)
         if switch.teacher_runs(step):
             teacher.update(switch.momentum(step))
+    # The late groups' Adam state began afresh at the start: 1 step since, against the others'.
+    inner = engine.optimizer.optimizer
+    report["adam_steps"] = [float(inner.state[engine.optimizer.single_partition_of_fp32_groups[i]]
+                                  ["step"]) for i in range(len(groups))]
     if rank == 0:
         with open(os.path.join(out_dir, f"stage{spec}.json"), "w") as f:
             json.dump(report, f)

@@ -12,6 +12,7 @@ import torch
 
 from megaclip.checkpoint.inference import checkpoint_config
 from megaclip.checkpoint.io import consolidate
+from megaclip.checkpoint.safe_load import weights_only_loads
 from megaclip.config import ObjectiveConfig
 from megaclip.models import build_model
 from megaclip.objectives.flops import train_flops_per_sample
@@ -84,6 +85,14 @@ def test_zero3_teacher_is_the_student_at_the_start_and_earlier_steps_cost_siglip
                for k, t in teacher.items())
     assert diff == 0.0
     assert any(not torch.equal(end[k], at_start[k]) for k in end)
+    # Their Adam state began afresh at the start: 3 steps since, against the others' 6.
+    with weights_only_loads():
+        optim = torch.load(os.path.join(ckpt(tmp_path, 6), "zero_pp_rank_0_mp_rank_00_optim_states"
+                                        ".pt"), map_location="cpu", weights_only=True)
+    inner = optim["optimizer_state_dict"]["optimizer_state_dict"]
+    assert [g["name"] for g in inner["param_groups"]] == ["decay", "no_decay", "decay@3",
+                                                          "no_decay@3"]
+    assert [float(inner["state"][i]["step"]) for i in range(4)] == [6, 6, 3, 3]
 
 
 @pytest.mark.slow

@@ -132,6 +132,7 @@ def test_zero2_teacher_of_late_terms_equals_the_student_at_their_start(reports):
     fp32 fragments equals the student exactly."""
     r = reports[STAGED]
     assert r["late_groups"] == ["decay@2", "no_decay@2"]
+    assert r["adam_steps"] == [3, 3, 1, 1]  # their Adam state began afresh at the start
     assert r["late_unchanged_before_start"] and r["others_moved"]
     assert r["teacher_vs_student_at_start"] == 0.0 and r["teacher_tensors"] > 20
     assert r["terms"][0] == ["clip", "logit_scale", "loss"]  # no distill, mlm, teacher stats
