@@ -149,3 +149,19 @@ def test_siglip2_preset_and_configs_without_start_at_are_unchanged():
             c = load_config(path.stem)
             assert not Stages(c.objective, c.train.steps).staged, path.stem
     assert dataclasses.asdict(_cfg().objective)["mask_distill"]["start_at"] == 0.0
+
+
+def test_the_benchmark_weighs_each_stage_by_its_share_of_the_run():
+    from megaclip.bench.objectives import over_the_run
+    stages = Stages(_cfg("objective.contrastive=siglip", preset="siglip2",
+                         steps=100).objective, 100)
+
+    def figures(first, time, flops):
+        return {"first_step": first, "step_time_s": time, "flops_per_sample": flops, "batch": 4,
+                "world_size": 2, "mfu": None, "tflops": 0.0, "peak_mem_gib": first + 1.0}
+    run = over_the_run([figures(0, 1.0, 10.0), figures(80, 3.0, 40.0)], stages)
+    assert run["step_time_s"] == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)
+    assert run["flops_per_sample"] == pytest.approx(0.8 * 10 + 0.2 * 40)
+    assert run["peak_mem_gib"] == 81.0  # the last stage's (every term)
+    assert [(s["first_step"], s["last_step"], s["steps_share"]) for s in run["stages"]] == [
+        (0, 80, 0.8), (80, 100, 0.2)]

@@ -130,7 +130,8 @@ class ObjectiveStepper:
         B = cfg.train.micro_batch_size
         tflops = B * flops / step_time / 1e12
         teacher = self.teacher if self.switch.teacher_runs(self.first_step) else None
-        return {"objective": cfg.objective.preset, "first_step": self.first_step, "device": device.type, "batch": B,
+        return {"objective": cfg.objective.preset, "first_step": self.first_step,
+                "device": device.type, "batch": B,
                 "world_size": self.world_size, "zero_stage": self.stage,
                 "step_time_s": step_time, "step_time_min_s": min(times),
                 "samples_per_s": B * self.world_size / step_time, "tflops": tflops,
