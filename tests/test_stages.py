@@ -165,3 +165,19 @@ def test_the_benchmark_weighs_each_stage_by_its_share_of_the_run():
     assert run["peak_mem_gib"] == 81.0  # the last stage's (every term)
     assert [(s["first_step"], s["last_step"], s["steps_share"]) for s in run["stages"]] == [
         (0, 80, 0.8), (80, 100, 0.2)]
+
+
+def test_a_resume_with_other_late_parameter_groups_is_refused(tmp_path):
+    """The late terms' modules have optimiser groups of their own: a checkpoint whose groups
+    differ cannot be loaded, and says so; moving a start is fine."""
+    from megaclip.config import save_resolved
+    from megaclip.engine.assembly import check_stages
+    save_resolved(_cfg(), str(tmp_path / "config.yaml"))  # maskclip, every term from step 0
+    check_stages(str(tmp_path), Stages(_cfg().objective, 40))
+    staged = Stages(_cfg("objective.mask_distill.start_at=0.5").objective, 40)
+    with pytest.raises(UserError, match="trained with other objective stages: clip, mask_distill, "
+                                        "text_mlm from step 0; this run has .*mask_distill "
+                                        "from step 20.*resume with the start_at values"):
+        check_stages(str(tmp_path), staged)
+    save_resolved(_cfg("objective.mask_distill.start_at=0.25"), str(tmp_path / "config.yaml"))
+    check_stages(str(tmp_path), staged)

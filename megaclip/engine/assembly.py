@@ -40,6 +40,7 @@ from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dt
 from megaclip.engine.guard import StepGuard
 from megaclip.engine.metrics import MetricLogger, peak_tflops
 from megaclip.engine.optim import build_optimizer, staged_param_groups
+from megaclip.errors import UserError
 from megaclip.extensions import setup_extensions
 from megaclip.models.build import build_model
 from megaclip.models.presets import check_multicrop, context_length, resolve_model_config
@@ -154,6 +155,8 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
     resume_dir = choose_resume(ckpt_root, resume_arg)
     if resume_dir is not None:
         check_optimizer(resume_dir, training.optimizer_kind)
+        if training.stages is not None:
+            on_rank0(check_stages, resume_dir, training.stages)
         if state.tokenizer is not None:
             notes += on_rank0(check_tokenizer, resume_dir, state.tokenizer["path"])
         state.restore(training.engine, resume_dir, ckpt_root, conversion_timeout_s)
@@ -162,6 +165,24 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
                   for p in on_rank0(checkpoint_folder.move_aside, ckpt_root, state.step,
                                     eval_dir)]
     return resume_dir, notes
+
+
+def check_stages(tag_dir: str, stages: Stages) -> None:
+    """Refuse a checkpoint whose optimiser state has other parameter groups than this run's:
+    the modules of terms that start late have groups of their own (``staged_param_groups``), so
+    a resume may move a start, but not start together terms that started apart, or late a term
+    that started with the run (or the reverse)."""
+    from megaclip.checkpoint.inference import checkpoint_config
+    try:
+        saved = checkpoint_config(tag_dir)
+    except UserError:  # no config of its own: nothing to compare
+        return
+    before = Stages(saved.objective, saved.train.steps)
+    if sorted(before.later_params().values()) != sorted(stages.later_params().values()):
+        raise UserError(f"checkpoint {tag_dir} was trained with other {before.describe()}; "
+                        f"this run has {stages.describe()}. Terms that start late train in "
+                        f"optimiser groups of their own: resume with the start_at values it was "
+                        f"trained with")
 
 
 def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: TrainState,
