@@ -437,6 +437,9 @@ def validate(cfg: Config) -> None:
           f"eval.probe_encoder must be 'student' or 'teacher', got '{cfg.eval.probe_encoder}'")
     check(cfg.eval.probe_encoder == "student" or cfg.objective.uses_teacher,
           "eval.probe_encoder=teacher needs an objective with an EMA teacher")
+    # When each auxiliary term starts (objective.<term>.start_at, objectives/stages.py).
+    from megaclip.objectives.stages import validate_starts
+    validate_starts(cfg.objective, cfg.train.steps, check)
     _validate_pretrained(cfg, check)
 
 

@@ -60,7 +60,9 @@ def set_leaf_blocks(model: nn.Module) -> None:
     submodules. A leaf must run once per training forward (DeepSpeed 0.19 reduces a leaf's
     gradients once per call, so a second call would add them twice); a forward that calls one
     twice fails with a message naming it, not with DeepSpeed's bare assertion in the gradient
-    reduction that follows."""
+    reduction that follows. A leaf that does not run in a step (the decoder of a term that
+    starts later, ``start_at``) is neither gathered nor reduced; its parameters' gradient
+    partitions keep the zeros DeepSpeed allocated them with until their first backward."""
     from deepspeed.utils import set_z3_leaf_module
     leaves = model.leaf_blocks()
     for blocks in leaves.values():

@@ -31,6 +31,9 @@ EXAMPLE = """examples:
   # maskclip / clip with the whole-copy teacher and the per-block one, 2 processes, collectives:
   python tools/bench_objectives.py --world-size 2 --deepspeed_config ds_configs/zero3_cpu.json \\
       --objectives clip,maskclip,maskclip@objective.teacher.whole_copy_max_gib=0
+  # a staged objective stage by stage and over its run (siglip2: distillation in the last 20%):
+  python tools/bench_objectives.py --deepspeed_config ds_configs/zero3_cpu.json \
+      --objectives clip@objective.contrastive=siglip,siglip2
   # megaclip ZeRO-3 against open_clip's own step on the same architecture:
   python tools/bench_objectives.py --objectives clip --open-clip --batch 64 --vocab 4096 \\
       --deepspeed_config ds_configs/zero3_cpu.json model.vision.image_size=128 ...
@@ -175,7 +178,23 @@ def launch(args, argv: list[str], name: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def describe_stages(r: dict) -> str:
+    """A staged objective (terms with start_at): each stage's step time and model FLOPs, and
+    the run's, weighted by each stage's share of train.steps."""
+    lines = [f"{'':>16}stage from step {s['first_step']} ({s['steps_share']:.0%} of the run): "
+             f"{s['step_time_s'] * 1000:.1f} ms/step, {s['flops_per_sample'] / 1e9:.3g} model "
+             f"GFLOPs per sample" for s in r["stages"]]
+    lines.append(f"{'':>16}over the run: {r['step_time_s'] * 1000:.1f} ms/step, "
+                 f"{r['flops_per_sample'] / 1e9:.3g} GFLOPs per sample (the last stage's "
+                 f"{r['stages'][-1]['flops_per_sample'] / 1e9:.3g}); memory and collectives "
+                 f"below are the last stage's")
+    return "\n".join(lines)
+
+
 def describe(r: dict) -> str:
+    if "stages" in r:
+        return describe_stages(r) + "\n" + describe({k: v for k, v in r.items()
+                                                     if k != "stages"})
     if r["objective"].startswith(INTERLEAVED):
         name = r["objective"][len(INTERLEAVED):]
         return (f"{name} and open_clip, step for step in one process: "

@@ -1,6 +1,8 @@
 """Step time, peak memory and communication of one objective on a given model and batch, on
 random data, through the same engine, teacher and objective as training. Runs in every process
-of a launch (``deepspeed --num_gpus N`` or one process); rank 0 reports."""
+of a launch (``deepspeed --num_gpus N`` or one process); rank 0 reports. An objective whose
+terms start late (``start_at``) is measured stage by stage, as training runs each stage, and
+its run figures are the stages' weighted by their share of ``train.steps``."""
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +20,10 @@ from megaclip.config import load_config
 from megaclip.data.masks import batch_masks, masking_for
 from megaclip.engine.assembly import build_training, resolve_config, start_process
 from megaclip.engine.metrics import memory_figures, peak_tflops
+from megaclip.engine.staging import StageSwitch
 from megaclip.engine.step import to_device, train_step
 from megaclip.objectives.flops import train_flops_per_sample
+from megaclip.objectives.stages import Stages
 
 
 def random_batch(cfg, vocab_size: int, seed: int) -> dict:
@@ -58,15 +62,32 @@ class ObjectiveStepper:
         device = self.device = process.device
         self.world_size = process.world_size
         cfg = resolve_config(cfg, vocab_size)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total_steps,
-                                                                 seed=0))
+        # A staged objective keeps the run's train.steps: its stages start at steps of it.
+        steps = (cfg.train.steps if Stages(cfg.objective, cfg.train.steps).staged
+                 else total_steps)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, seed=0))
         training = build_training(cfg, ds_config, self.world_size, device)
         self.dtype, self.stage = training.dtype, training.stage
         self.engine, self.teacher = training.engine, training.teacher
         self.objective, self.optimizer = training.objective, training.optimizer_name
+        self.stages = training.stages
+        self.switch = StageSwitch(training.stages, training.group_starts, self.engine.module,
+                                  training.optimizer, self.teacher, cfg.objective)
         self.num_params = training.num_params()
-        self.batch = to_device(random_batch(cfg, vocab_size, process.rank), device, self.dtype)
-        self.cfg, self.steps_done = cfg, 0
+        self.cfg, self.vocab_size, self.rank = cfg, vocab_size, process.rank
+        self.enter(0)
+
+    def enter(self, first_step: int) -> None:
+        """Step from ``first_step`` on as training does: that stage's passes, views and masks,
+        the teacher initialised once a term that reads it has started."""
+        self.steps_done = self.first_step = first_step
+        later = [b for b in self.stages.boundaries if b > first_step]
+        self.last_step = later[0] - 1 if later else None  # steps_done stays in the stage
+        self.stage_cfg = dataclasses.replace(self.cfg, objective=self.stages.at(first_step))
+        self.switch.set_lr(self.cfg.optim.lr, first_step)
+        self.switch.enter(first_step)
+        self.batch = to_device(random_batch(self.stage_cfg, self.vocab_size, self.rank),
+                               self.device, self.dtype)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -81,7 +102,7 @@ class ObjectiveStepper:
             train_step(self.engine, self.objective, self.batch, self.teacher, self.steps_done)
             self.objective.end_step(True)
         update = 0.0
-        if self.teacher is not None:
+        if self.switch.teacher_runs(self.steps_done):
             self.sync()
             t0 = time.perf_counter()
             with watch():
@@ -92,6 +113,8 @@ class ObjectiveStepper:
                 self.teacher.prefetch()  # its gather is the step's, not the update's
         self.sync()
         self.steps_done += 1
+        if self.last_step is not None:
+            self.steps_done = min(self.steps_done, self.last_step)
         return time.perf_counter() - start, update
 
     def finish(self) -> None:
@@ -100,14 +123,15 @@ class ObjectiveStepper:
 
     def figures(self, times: list[float], update_times: list[float],
                 stats: Optional[CollectiveStats]) -> dict:
-        cfg, device = self.cfg, self.device
+        cfg, device = self.stage_cfg, self.device
         step_time = statistics.median(times)
         flops = train_flops_per_sample(cfg.model, cfg.objective)
         peak = peak_tflops(device, self.dtype)
         B = cfg.train.micro_batch_size
         tflops = B * flops / step_time / 1e12
-        teacher = self.teacher
-        return {"objective": cfg.objective.preset, "device": device.type, "batch": B,
+        teacher = self.teacher if self.switch.teacher_runs(self.first_step) else None
+        return {"objective": cfg.objective.preset, "first_step": self.first_step,
+                "device": device.type, "batch": B,
                 "world_size": self.world_size, "zero_stage": self.stage,
                 "step_time_s": step_time, "step_time_min_s": min(times),
                 "samples_per_s": B * self.world_size / step_time, "tflops": tflops,
@@ -133,29 +157,53 @@ def measure(objective_preset: str, overrides: list[str], ds_config: dict, vocab_
     stepper = ObjectiveStepper(objective_preset, overrides, ds_config, vocab_size,
                                steps + warmup, stats)
     other = beside() if beside is not None else None
-    times, update_times, other_times = [], [], []
     watch = SyncWatch(sync_debug)
-    stats.start()
-    for i in range(warmup + steps):
-        timed = i >= warmup
-        if i == warmup:
-            stepper.sync()
-            if stepper.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        stats.counting = timed  # this objective's timed steps only
-        took, update = stepper.step(watch.watch if timed else contextlib.nullcontext)
-        stats.counting = False
-        other_took = other.step() if other is not None else None
-        if timed:
-            times.append(took)
-            update_times.append(update)
-            if other is not None:
-                other_times.append(other_took)
+    per_stage = []
+    for first in [0, *stepper.stages.boundaries]:  # one stage unless terms start late
+        if first:
+            stepper.enter(first)
+        times, update_times, other_times = [], [], []
+        stats.start()
+        for i in range(warmup + steps):
+            timed = i >= warmup
+            if i == warmup:
+                stepper.sync()
+                if stepper.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+            stats.counting = timed  # this objective's timed steps only
+            took, update = stepper.step(watch.watch if timed else contextlib.nullcontext)
+            stats.counting = False
+            other_took = other.step() if other is not None else None
+            if timed:
+                times.append(took)
+                update_times.append(update)
+                if other is not None:
+                    other_times.append(other_took)
+        out = stepper.figures(times, update_times, stats)
+        if other is not None:
+            out["beside_step_time_s"] = statistics.median(other_times)
+            out["ratio_to_beside"] = statistics.median(a / b for a, b in zip(times, other_times))
+        per_stage.append(out)
     stepper.finish()
-    out = stepper.figures(times, update_times, stats)
+    out = over_the_run(per_stage, stepper.stages) if len(per_stage) > 1 else per_stage[0]
     if watch.enabled:
-        out["host_syncs"] = watch.summary(len(times))
-    if other is not None:
-        out["beside_step_time_s"] = statistics.median(other_times)
-        out["ratio_to_beside"] = statistics.median(a / b for a, b in zip(times, other_times))
+        out["host_syncs"] = watch.summary(len(per_stage) * steps)
+    return out
+
+
+def over_the_run(per_stage: list[dict], stages) -> dict:
+    """A staged objective's figures over its run: the last stage's (every term; its memory and
+    communication), with ``step_time_s`` and ``flops_per_sample`` the stages' weighted by
+    their share of the run's steps (``steps_share``), and each stage's own under ``stages``."""
+    total = stages.total_steps
+    for r, (a, b, _) in zip(per_stage, stages.segments(0, total)):
+        r["last_step"], r["steps_share"] = b, (b - a) / total
+    out = dict(per_stage[-1])
+    for key in ("step_time_s", "flops_per_sample"):
+        out[key] = sum(r["steps_share"] * r[key] for r in per_stage)
+    out["samples_per_s"] = out["batch"] * out["world_size"] / out["step_time_s"]
+    out["tflops"] = out["batch"] * out["flops_per_sample"] / out["step_time_s"] / 1e12
+    if out["mfu"] is not None:
+        out["mfu"] = out["tflops"] * per_stage[-1]["mfu"] / per_stage[-1]["tflops"]
+    out["stages"] = per_stage
     return out

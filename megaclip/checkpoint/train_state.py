@@ -24,7 +24,7 @@ from megaclip.checkpoint.io import saved_world_size
 from megaclip.checkpoint.safe_load import weights_only_loads
 from megaclip.distributed import rank, world
 from megaclip.errors import UserError
-from megaclip.teacher.state import load_teacher, save_teacher, teacher_state
+from megaclip.teacher.state import TEACHER_DIR, load_teacher, save_teacher, teacher_state
 
 CLIENT_DIR = "client"
 TOKENIZER_FILE = "tokenizer.json"
@@ -116,12 +116,14 @@ class TrainState:
         """A checkpoint of this step under ``root`` (every rank); returns its path. Retention
         keeps the checkpoint the guard protects."""
         client = self.client_state(stream_state)
-        teacher = teacher_state(self.teacher) if self.teacher is not None else None
+        # A teacher whose terms have not started yet (start_at) is not initialised: none saved.
+        saves_teacher = self.teacher is not None and self.teacher.initialised
+        teacher = teacher_state(self.teacher) if saves_teacher else None
 
         def write_own(tmp: str) -> None:
             os.makedirs(os.path.join(tmp, CLIENT_DIR), exist_ok=True)
             torch.save(client, os.path.join(tmp, CLIENT_DIR, f"rank{rank():05d}.pt"))
-            if self.teacher is not None:
+            if saves_teacher:
                 save_teacher(tmp, self.teacher, teacher)
             if self.tokenizer is not None and rank() == 0:  # fsynced with rank 0's files
                 with open(os.path.join(tmp, TOKENIZER_FILE), "w") as f:
@@ -147,7 +149,11 @@ class TrainState:
                     client.pop("rng", None)  # rank 0's generator state is not every rank's
             else:
                 client = ds_client  # written before megaclip kept its client state apart
-            if self.teacher is not None:
+            # A teacher built uninitialised (its terms start late) takes the checkpoint's EMA
+            # if it has one; a checkpoint written before their start has none, and the trainer
+            # initialises the teacher from the student at the start step.
+            if self.teacher is not None and (self.teacher.initialised
+                                             or os.path.isdir(os.path.join(tag_dir, TEACHER_DIR))):
                 load_teacher(tag_dir, self.teacher)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.guard.load_state_dict(client)

@@ -37,6 +37,7 @@ from megaclip.data.decode import BAD_KINDS, BadSampleLog, load_image, open_image
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
 from megaclip.data.mixture import (Mixer, Source, SourceStream, expand_sources, resolve_sources,
                                    sources_fingerprint)
+from megaclip.data.plan import DataPlan
 from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
                                        derive_seed, shard_sequence, status_writer)
 from megaclip.data.shards import BadShard, read_shard
@@ -59,19 +60,24 @@ class TrainStream(IterableDataset):
     (B, G-1, 3, S, S) its other global crops and ``local_views`` (B, L, 3, s, s) its local
     crops, all drawn from the sample's seed. With ``data.sources``, ``sources`` holds each
     source's counters (``Mixer.counters``) and ``ended`` the note of a source whose running out
-    ends the run. A problem that ends the run arrives as a batch ``{"error": message}``."""
+    ends the run. With ``plan`` (a staged objective, ``data/plan.py``) each micro-batch gets
+    the masks and views of its step's stage instead. A problem that ends the run arrives as a
+    batch ``{"error": message}``."""
 
     def __init__(self, cfg: DataConfig, image_size: int, tokenizer: Tokenizer, batch_size: int,
                  rank: int, world_size: int, start: Optional[dict[int, dict]] = None,
                  stream_seed: int = 0, rotate: int = 0, masking: Optional[Masking] = None,
                  urls: Optional[list[str]] = None, status=None,
-                 multicrop: Optional[MultiCrop] = None, refused: Optional[dict] = None):
+                 multicrop: Optional[MultiCrop] = None, refused: Optional[dict] = None,
+                 plan: Optional[DataPlan] = None):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
         self.refused = dict(refused or {})  # shard -> why it is skipped unread
         self.multicrop = multicrop
         self.masking = masking
-        self.ordinary_ids = (ordinary_token_ids(tokenizer)
-                             if masking is not None and masking.text is not None else None)
+        self.plan = plan
+        masks_text = (plan.masks_text() if plan is not None
+                      else masking is not None and masking.text is not None)
+        self.ordinary_ids = ordinary_token_ids(tokenizer) if masks_text else None
         self.rank, self.world_size = rank, world_size
         self.sources = resolve_sources(cfg, urls)
         self.mixed = bool(cfg.sources)
@@ -133,6 +139,15 @@ class TrainStream(IterableDataset):
         return BlockShuffle(open_reader, cfg.shuffle_buffer,
                             lambda block: derive_seed(seed, self.rank, wid, _SHUFFLE, block), at)
 
+    def _stage(self, produced: int, nw: int, slot: int) -> tuple:
+        """(masking, multicrop) of this worker's next micro-batch: it has handed out
+        ``produced`` of them, and loader worker ``slot`` of ``nw`` hands out micro-batches
+        slot, slot + nw, ... of the loader (the DataLoader asks its workers in turn)."""
+        if self.plan is None:
+            return self.masking, self.multicrop
+        stage = self.plan.stage_of(produced * nw + slot)
+        return stage.masking, (self.multicrop if stage.multicrop else None)
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         nw = info.num_workers if info else 1
@@ -155,18 +170,20 @@ class TrainStream(IterableDataset):
             caption = choose_caption(sample, captions, derive_seed(seed, _CAPTION) / 2.0 ** 63
                                      if len(captions) > 1 else 0.0, cfg.max_caption_bytes)
             image = open_image(sample, image_keys, cfg.max_image_pixels, image_formats)
-            if self.multicrop is None:  # the box first: it decides the JPEG draft size
-                size = image.size
+            if multicrop is None:  # the box first: it decides the JPEG draft size (the
+                size = image.size  # stage's multicrop: set below, before each micro-batch)
                 box = self.crop.box(*size, seed)
                 image = load_image(image, self.crop.draft_size(*size, box)
                                    if cfg.jpeg_draft else None)
                 return caption, seed, self.crop(image, box, size)
-            return caption, seed, seeded(self.multicrop, load_image(image), seed)
+            return caption, seed, seeded(multicrop, load_image(image), seed)
 
         images, captions, seeds, views, local_views = [], [], [], [], []
+        produced = 0
+        masking, multicrop = self._stage(produced, nw, slot)
         while True:
             _, (caption, seed, view) = mix.next(decode)
-            if self.multicrop is not None:
+            if multicrop is not None:
                 globals_, locals_ = view
                 images.append(globals_[0])
                 views.append(globals_[1:])
@@ -174,7 +191,7 @@ class TrainStream(IterableDataset):
             else:
                 images.append(view)
             captions.append(caption)
-            if self.masking is not None:
+            if masking is not None:
                 seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
@@ -186,13 +203,15 @@ class TrainStream(IterableDataset):
                     note = mix.take_note()
                     if note:
                         batch["ended"] = note
-                if self.multicrop is not None:
+                if multicrop is not None:
                     batch["views"], batch["local_views"] = (torch.stack(views),
                                                             torch.stack(local_views))
-                if self.masking is not None:
-                    batch.update(batch_masks(self.masking, seeds, tokens, eot, self.ordinary_ids))
+                if masking is not None:
+                    batch.update(batch_masks(masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
                 images, captions, seeds, views, local_views = [], [], [], [], []
+                produced += 1
+                masking, multicrop = self._stage(produced, nw, slot)
 
 
 def _refused(url: str, why: str) -> Iterator[dict]:
@@ -357,7 +376,8 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                        stop_signals: tuple = (),
                        multicrop: Optional[MultiCrop] = None,
                        pin_memory: bool = False,
-                       deaths_file: Optional[str] = None) -> TrainLoader:
+                       deaths_file: Optional[str] = None,
+                       plan: Optional[DataPlan] = None) -> TrainLoader:
     """The loader over this rank's stream. ``state`` is a saved ``StreamState.state_dict()``;
     when the topology, shard list or stream settings it was saved under differ, the stream
     restarts with fresh seeds (``restart_seed``) instead of replaying samples. ``urls``: the
@@ -366,7 +386,8 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
     process handles; the workers do not die of them (``WorkerSignals``). ``multicrop``: SILC's
     views instead of one crop per sample. ``pin_memory``: batches in page-locked memory, for
     non-blocking copies to a GPU. ``deaths_file``: where a dead worker's shard is recorded;
-    the shards it lists are skipped unread (as bad shards)."""
+    the shards it lists are skipped unread (as bad shards). ``plan``: what each micro-batch
+    draws, by its step, for an objective whose terms start late (``data/plan.py``)."""
     workers = cfg.workers
     urls = urls if urls is not None else expand_sources(cfg)
     sources = resolve_sources(cfg, urls)
@@ -400,7 +421,7 @@ def build_train_loader(cfg: DataConfig, image_size: int, tokenizer: Tokenizer, b
                                      f"{deaths_file})" for line in f if line.strip()}
     ds = TrainStream(cfg, image_size, tokenizer, batch_size, rank, world_size, start, stream_seed,
                      rotate=kept.batches % kept.workers, masking=masking, urls=urls,
-                     status=status, multicrop=multicrop, refused=refused)
+                     status=status, multicrop=multicrop, refused=refused, plan=plan)
     closing = mp.Value("b", 0, lock=False) if workers > 0 else None
     on_start = WorkerSignals(stop_signals, closing) if workers > 0 else None
     loader = DataLoader(ds, batch_size=None, num_workers=workers,

@@ -89,7 +89,8 @@ def train_steps_accumulated(engine, objective, batches: list[dict], teacher=None
     contrastive = objective.names["contrastive"]
     logged = []
     for j, batch in enumerate(batches):
-        teacher_out = teacher_forward(teacher, batch, passes) if teacher is not None else None
+        teacher_out = (teacher_forward(teacher, batch, passes)
+                       if teacher is not None and passes.uses_teacher else None)
         outputs = engine(**batch)
         terms, stats = objective(outputs, batch, teacher_out, step,
                                  term_outputs={"contrastive": with_cached_negatives(

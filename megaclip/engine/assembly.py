@@ -31,6 +31,7 @@ from megaclip.config import Config, save_resolved
 from megaclip.data.eval_set import EvalSet
 from megaclip.data.masks import masking_for
 from megaclip.data.mixture import expand_sources
+from megaclip.data.plan import data_plan
 from megaclip.data.stream import TrainLoader, build_train_loader
 from megaclip.data.tokenizer import Tokenizer
 from megaclip.data.views import MultiCrop
@@ -40,13 +41,16 @@ from megaclip.engine.ds_config import check_precision, merge_ds_config, model_dt
 from megaclip.engine.guard import StepGuard
 from megaclip.engine.metrics import MetricLogger, peak_tflops
 from megaclip.engine.init_from import load_init_weights
-from megaclip.engine.optim import build_optimizer, check_group_layout, groups_summary, param_groups
+from megaclip.engine.optim import (build_optimizer, check_group_layout, groups_summary,
+                                   staged_param_groups)
+from megaclip.errors import UserError
 from megaclip.extensions import setup_extensions
 from megaclip.models.build import build_model
 from megaclip.models.layers import check_locks, depths, lock_towers
 from megaclip.models.presets import check_multicrop, context_length, resolve_model_config
 from megaclip.objectives.flops import train_flops_per_sample
 from megaclip.objectives.loss import ObjectiveLoss
+from megaclip.objectives.stages import Stages
 from megaclip.teacher.build import build_ema_teacher
 from megaclip.teacher.ema import EmaTeacher
 
@@ -109,6 +113,10 @@ class Training:
     objective: ObjectiveLoss
     teacher: Optional[EmaTeacher]
     notes: list = field(default_factory=list)  # for the log: pretrained weights, locks, groups
+    # When the objective's terms start (objective.<term>.start_at), and the first step of each
+    # of the optimiser's parameter groups (0, or the start of the terms whose modules it holds).
+    stages: Optional[Stages] = None
+    group_starts: tuple = ()
 
     def num_params(self) -> int:
         return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -134,18 +142,21 @@ def build_training(cfg: Config, ds_config: dict, world_size: int, device: torch.
     locked = lock_towers(model, cfg.model)
     notes += [f"{tower} tower locked: {n} parameter tensors get no updates"
               for tower, n in locked.items() if n]
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay,
-                          depths(cfg.model))
+    stages = Stages(cfg.objective, cfg.train.steps)
+    groups, group_starts = staged_param_groups(model, cfg.optim.weight_decay,
+                                               stages.later_params(), cfg.optim.layer_decay,
+                                               depths(cfg.model))
     notes += [line for line in [groups_summary(groups, cfg.optim.layer_decay)] if line]
     optimizer, optimizer_name = build_optimizer(cfg.optim, groups, device.type)
     kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     objective = ObjectiveLoss(cfg.objective, cfg.train.steps).to(device)
     teacher = None
-    if cfg.objective.uses_teacher:
-        teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, zero3, dtype, device)
+    if cfg.objective.uses_teacher:  # initialised now, or from the student when its terms start
+        teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, zero3, dtype, device,
+                                    initialise=stages.teacher_start == 0)
     return Training(ds, dtype, stage, engine, optimizer, optimizer_name, kind, objective, teacher,
-                    notes)
+                    notes, stages, tuple(group_starts))
 
 
 def choose_checkpoint(ckpt_root: str, resume_arg: Optional[str]
@@ -174,6 +185,8 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
         check_optimizer(resume_dir, training.optimizer_kind)
         if cfg is not None:
             check_group_layout(resume_dir, cfg)
+        if training.stages is not None:
+            on_rank0(check_stages, resume_dir, training.stages)
         if state.tokenizer is not None:
             notes += on_rank0(check_tokenizer, resume_dir, state.tokenizer["path"])
         state.restore(training.engine, resume_dir, ckpt_root, conversion_timeout_s)
@@ -184,9 +197,28 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
     return resume_dir, notes
 
 
+def check_stages(tag_dir: str, stages: Stages) -> None:
+    """Refuse a checkpoint whose optimiser state has other parameter groups than this run's:
+    the modules of terms that start late have groups of their own (``staged_param_groups``), so
+    a resume may move a start, but not start together terms that started apart, or late a term
+    that started with the run (or the reverse)."""
+    from megaclip.checkpoint.inference import checkpoint_config
+    try:
+        saved = checkpoint_config(tag_dir)
+    except UserError:  # no config of its own: nothing to compare
+        return
+    before = Stages(saved.objective, saved.train.steps)
+    if sorted(before.later_params().values()) != sorted(stages.later_params().values()):
+        raise UserError(f"checkpoint {tag_dir} was trained with other {before.describe()}; "
+                        f"this run has {stages.describe()}. Terms that start late train in "
+                        f"optimiser groups of their own: resume with the start_at values it was "
+                        f"trained with")
+
+
 def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: TrainState,
-                 urls) -> TrainLoader:
-    """This rank's stream, from the position ``state`` restored (or the start)."""
+                 urls, stages: Optional[Stages] = None) -> TrainLoader:
+    """This rank's stream, from the position ``state`` restored (or the start); with
+    ``stages``, each micro-batch draws the views and masks of its step's stage."""
     v, obj = cfg.model.vision, cfg.objective
     return build_train_loader(
         cfg.data, v.image_size, tokenizer, cfg.train.micro_batch_size, process.rank,
@@ -196,7 +228,9 @@ def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: Tra
         multicrop=(MultiCrop(v.image_size, obj.local_global, cfg.data.crop_ratio)
                    if obj.uses_multicrop else None),
         pin_memory=process.device.type == "cuda",
-        deaths_file=os.path.join(cfg.train.output_dir, DEATHS_FILE))
+        deaths_file=os.path.join(cfg.train.output_dir, DEATHS_FILE),
+        plan=(data_plan(stages, v.image_size, v.patch_size, state.step,
+                        cfg.train.grad_accum_steps) if stages is not None else None))
 
 
 @dataclass
@@ -245,7 +279,7 @@ def build_run(cfg: Config, ds_config: dict, resume_arg: Optional[str] = None,
     resume_dir, notes = resume(state, training, ckpt_root, resume_arg, os.path.abspath(out_dir),
                                60 * cfg.train.universal_conversion_timeout_min, chosen, cfg)
     notes = training.notes + notes
-    loader = build_loader(cfg, tokenizer, process, state, urls)
+    loader = build_loader(cfg, tokenizer, process, state, urls, training.stages)
     d = cfg.data
     eval_set = (EvalSet(cfg.eval.shards, cfg.eval.classes, cfg.model.vision.image_size, d.mean,
                         d.std, d.image_keys, d.caption_key, d.max_image_pixels, d.image_formats,
@@ -317,4 +351,11 @@ def describe(run: Run, resume_dir: Optional[str], notes: list[str]) -> None:
                   if t.teacher.fragments is not None else "whole")
         log.text(f"EMA teacher: fp32, {held / 2**20:.2f} MiB on this rank of "
                  f"{full / 2**20:.2f} MiB ({held / full:.3f}), {layout}; its forward: "
-                 f"{t.teacher.describe_forward()}")
+                 f"{t.teacher.describe_forward()}"
+                 + ("" if t.teacher.initialised else
+                    f"; not in use before step {t.stages.teacher_start}"))
+    if t.stages is not None and t.stages.staged:
+        model, stages = run.cfg.model, t.stages
+        costs = ", ".join(f"{train_flops_per_sample(model, stages.at(b)) / 1e9:.3g}"
+                          for b in [0, *stages.boundaries])
+        log.text(f"{stages.describe()}; model GFLOPs per sample by stage: {costs}")

@@ -85,14 +85,17 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.add_image(tag, grid, step)
 
-    def console(self, step: int, values: dict[str, float]) -> None:
-        """One line; the ETA is the measured step time (``step_time_s``) times the steps left."""
+    def console(self, step: int, values: dict[str, float], eta_s: Optional[float] = None) -> None:
+        """One line; the ETA is ``eta_s``, by default the measured step time (``step_time_s``)
+        times the steps left."""
         if not self.enabled:
             return
         parts = [f"step {step}/{self.total}"]
         for k, v in values.items():
             parts.append(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}")  # counts whole
-        parts.append("eta " + duration(values.get("step_time_s", 0.0) * (self.total - step)))
+        if eta_s is None:
+            eta_s = values.get("step_time_s", 0.0) * (self.total - step)
+        parts.append("eta " + duration(eta_s))
         print(" | ".join(parts), flush=True)
 
     def text(self, msg: str) -> None:

@@ -69,6 +69,65 @@ def groups_summary(groups: list[dict], layer_decay: float) -> str:
             f"from {scales[0]:.4g} to {scales[-1]:.4g}")
 
 
+def staged_param_groups(model: nn.Module, weight_decay: float,
+                        later: dict[int, tuple[str, ...]], layer_decay: float = 1.0,
+                        depth: Optional[dict[str, int]] = None) -> tuple[list[dict], list[int]]:
+    """``param_groups``, with the parameters that start training late (``later``: name prefixes
+    by their first step, ``Stages.later_params``) in groups of their own, and the first step of
+    each group. The trainer gives those groups a learning rate of 0 until their step: their
+    gradients are zero before it (the modules do not run), so Adam's moments stay zero, and
+    with lr 0 its decoupled weight decay (``p *= 1 - lr * wd``) leaves them exactly as they
+    are too (``restart_groups`` then starts their Adam state afresh). A late group keeps its
+    layer-decay scale; a group that late parameters leave empty is dropped."""
+    groups = param_groups(model, weight_decay, layer_decay, depth)
+    starts = [0] * len(groups)
+    if not later:
+        return groups, starts
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def first_step(p) -> int:
+        return next((s for s, prefixes in later.items() if names[id(p)].startswith(prefixes)), 0)
+
+    base = list(groups)
+    for step in later:
+        for group in base:
+            moved = [p for p in group["params"] if first_step(p) == step]
+            if moved:
+                groups.append({**group, "params": moved, "name": f"{group['name']}@{step}"})
+                starts.append(step)
+    for group in base:
+        group["params"] = [p for p in group["params"] if first_step(p) == 0]
+    kept = [i for i, g in enumerate(groups) if g["params"]]
+    return [groups[i] for i in kept], [starts[i] for i in kept]
+
+
+@torch.no_grad()
+def restart_groups(optimizer, group_ids: list[int]) -> None:
+    """The Adam state of these parameter groups as a fresh optimiser has it (no step, zero
+    moments), so that parameters which start training late get Adam's bias correction from
+    their first step, not from the run's. ``optimizer``: DeepSpeed's (ZeRO 1-3 keep fp32
+    masters per group, whose state the torch or DeepSpeed Adam inside holds) or a plain one."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    ids = set(group_ids)
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: sub-groups of groups
+        masters = [optimizer.fp32_partitioned_groups_flat[j]
+                   for j, g in optimizer.sub_group_to_group_id.items() if g in ids]
+    elif hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO 1-2
+        masters = [optimizer.single_partition_of_fp32_groups[i] for i in sorted(ids)]
+    else:
+        masters = [p for i in sorted(ids) for p in inner.param_groups[i]["params"]]
+    for master in masters:
+        state = inner.state.get(master, {})
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                state[key] = type(value)(0)
+    for i in ids:  # optimisers that count steps per group
+        if "step" in inner.param_groups[i]:
+            inner.param_groups[i]["step"] = 0
+
+
 def resolve_impl(impl: str, device_type: str) -> str:
     if impl == "auto":
         return "deepspeed_fused" if device_type == "cuda" else "torch_fused"

@@ -54,8 +54,9 @@ def train_step(engine, objective: ObjectiveLoss, batch: dict, teacher=None,
     # The student first: the teacher's whole-copy gather, started after the last optimiser
     # step, is in flight meanwhile; the teacher's forward waits for it.
     outputs = engine(**batch)
-    teacher_out = (teacher_forward(teacher, batch, engine.module.passes)
-                   if teacher is not None else None)
+    passes = engine.module.passes  # this step's (a term that starts later reads no teacher)
+    teacher_out = (teacher_forward(teacher, batch, passes)
+                   if teacher is not None and passes.uses_teacher else None)
     terms, stats = objective(outputs, batch, teacher_out, step)
     loss = poison_if_not_finite(objective.total(terms))
     engine.backward(loss)

@@ -17,14 +17,14 @@ from megaclip.engine.accum import accumulates_negatives, train_steps_accumulated
 from megaclip.engine.assembly import Run
 from megaclip.engine.guard import StepGuard, nan_injections, reduce_step_flags
 from megaclip.engine.metrics import memory_figures
-from megaclip.engine.optim import set_lr
 from megaclip.engine.schedules import warmup_cosine
+from megaclip.engine.staging import StageSwitch
 from megaclip.engine.step import to_device, train_step
 from megaclip.errors import UserError
 from megaclip.eval.pictures import similarity_maps, training_samples
 from megaclip.eval.probes import run_probes
 from megaclip.eval.zeroshot import evaluate
-from megaclip.teacher.ema import momentum_at
+from megaclip.objectives.flops import mean_flops_per_sample, steps_flops_per_sample
 
 
 def pack_for_reduce(means: dict[str, torch.Tensor], counts: list[float],
@@ -46,18 +46,21 @@ def unpack_reduced(summed: list[float], keys: list[str], world_size: int
 class LogWindow:
     """What one log interval gathers: its first step, wall time, time spent waiting for batches,
     time spent on evaluation and checkpoints (left out of the step time), the sums of the terms
-    of its applied steps and how many there were (skipped steps are not averaged)."""
+    of its applied steps and how many there were (skipped steps are not averaged; a term that
+    starts within the interval is averaged over the steps it ran)."""
 
     def __init__(self, step: int):
         self.first_step, self.t_start = step, time.perf_counter()
         self.data_time = self.other_time = 0.0
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.n_good = 0
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         self.n_good += 1
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
 
 class Trainer:
@@ -72,6 +75,10 @@ class Trainer:
         self.inject_nan = nan_injections()  # test hook: empty unless MEGACLIP_INJECT_NAN is set
         self.guarded = sorted({*self.objective.weights, "loss"})  # the terms a skip looks at
         self.last_batch = None  # on the host, for the pictures at evaluation
+        training = run.training
+        self.stages = training.stages
+        self.switch = StageSwitch(training.stages, training.group_starts, self.engine.module,
+                                  training.optimizer, self.teacher, self.cfg.objective)
 
     def fit(self) -> dict:
         try:
@@ -112,18 +119,16 @@ class Trainer:
 
     # --------------------------------------------------------------------------- one step
     def _prepare_step(self) -> float:
-        """The step's learning rate into every group (x its layer-decay scale); DINO's frozen
-        prototype layers at first."""
+        """The step's learning rate into every group that has started; DINO's frozen prototype
+        layers at first; the objective's stage (``engine/staging.py``)."""
         cfg, step = self.cfg, self.state.step
         lr = warmup_cosine(step, cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps,
                            cfg.optim.min_lr)
-        set_lr(self.run.training.optimizer, lr)  # x each group's layer-decay scale
+        self.switch.set_lr(lr, step)
         self.engine.train()
-        obj, module = cfg.objective, self.engine.module
-        for head, section in ((getattr(module, "distill_head", None), obj.mask_distill),
-                              (getattr(module, "global_head", None), obj.local_global)):
-            if head is not None:
-                head.prototypes.frozen = step < section.freeze_prototypes_steps
+        line = self.switch.enter(step)
+        if line:
+            self.log.text(line)
         return lr
 
     def _next_batch(self, it, window: LogWindow) -> dict:
@@ -153,8 +158,11 @@ class Trainer:
             logged = (train_step(self.engine, self.objective, batch, self.teacher,
                                  self.state.step) for batch in batches)
         for terms in logged:
-            # Only what enters the loss decides a skip (a statistic may be NaN harmlessly).
-            local = StepGuard.local_flags({k: terms[k] for k in self.guarded})
+            # Only what enters the loss decides a skip (a statistic may be NaN harmlessly); a
+            # term that has not started is finite.
+            local = StepGuard.local_flags({k: terms[k] if k in terms
+                                           else torch.zeros_like(terms["loss"])
+                                           for k in self.guarded})
             flags = local if flags is None else torch.maximum(flags, local)
             for k, v in terms.items():
                 step_terms[k] = step_terms.get(k, 0) + v.float() / cfg.train.grad_accum_steps
@@ -175,9 +183,8 @@ class Trainer:
             self.log.text(skipped)
         self.objective.end_step(good)
         last_values = {}
-        if self.teacher is not None and good:  # the masters are current
-            t = self.cfg.objective.teacher
-            m = momentum_at(state.step, self.cfg.train.steps, t.momentum, t.momentum_end)
+        if self.switch.teacher_runs(state.step) and good:  # the masters are current
+            m = self.switch.momentum(state.step)
             last_values["teacher_update_rms"] = self.teacher.update(m, measure=log_now)
             self.teacher.prefetch()  # its whole copy's gather overlaps what comes next
             if log_now:
@@ -293,7 +300,7 @@ class Trainer:
         writing left out) to now, once the reduce has waited for the device."""
         run, step = self.run, self.state.step
         n_steps = step - window.first_step
-        means = {k: v / max(1, window.n_good) for k, v in window.sums.items()}
+        means = {k: v / max(1, window.counts[k]) for k, v in window.sums.items()}
         means.update({k: v for k, v in last.items() if v is not None})
         stream = run.loader.state
         skipped = stream.skipped_total()
@@ -309,7 +316,16 @@ class Trainer:
         self._check_bad_shards(int(counts[SKIP_KINDS.index("shards")]), shards_read)
         step_time = (time.perf_counter() - (window.t_start + window.other_time)) / max(1, n_steps)
         per_device = run.global_batch / step_time / run.process.world_size
-        tflops = per_device * run.flops_per_sample / 1e12
+        # The FLOPs of the steps this interval ran (a term that starts late costs nothing
+        # before); the ETA spends the interval's time per FLOP on the FLOPs of the steps left.
+        flops = run.flops_per_sample
+        eta = step_time * (run.cfg.train.steps - step)
+        if self.stages is not None and self.stages.staged:
+            model, stages = run.cfg.model, self.stages
+            flops = mean_flops_per_sample(model, stages, window.first_step, step)
+            eta = step_time * steps_flops_per_sample(model, stages, step,
+                                                     run.cfg.train.steps) / flops
+        tflops = per_device * flops / 1e12
         values.update({"lr": lr, "skipped_steps": self.state.guard.skipped,
                        "samples_per_s": per_device * run.process.world_size,
                        "step_time_s": step_time, "tflops_per_device": tflops,
@@ -318,7 +334,7 @@ class Trainer:
         values.update({f"skipped_{k}": c for k, c in zip(SKIP_KINDS, counts)
                        if c or k == "shards"})
         self.log.scalars(step, {**{f"train/{k}": v for k, v in values.items()}, **per_source})
-        self.log.console(step, {**values, **per_source})
+        self.log.console(step, {**values, **per_source}, eta)
 
     def _source_counters(self) -> dict[str, int]:
         """``data/<source>/<counter>`` over every rank (cumulative; none without data.sources),
@@ -350,7 +366,10 @@ class Trainer:
         results = evaluate(module, run.eval_set, run.tokenizer, cfg.eval.batch_size, self.device,
                            dtype)
         if cfg.eval.probes:
-            trunk = self.teacher.tokens if cfg.eval.probe_encoder == "teacher" else None
+            # Before its terms start the teacher is not initialised: the student stands for it
+            # (the teacher equals the student at its start).
+            trunk = (self.teacher.tokens if cfg.eval.probe_encoder == "teacher"
+                     and self.teacher.initialised else None)
             results.update(run_probes(module, run.eval_set, run.tokenizer, cfg.eval.batch_size,
                                       self.device, dtype, trunk))
         count = cfg.eval.pictures

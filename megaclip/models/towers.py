@@ -90,12 +90,17 @@ class TwoTower(nn.Module):
         ``images`` (B, E), ``view_image_features`` of ``views`` (G-1, B, E) and
         ``global_student_logits`` (G + L, B, K), view-major, global views first."""
         out: dict[str, torch.Tensor] = {}
+        # What runs is what ``self.passes`` lists (the objective's passes at this step: a term
+        # that has not started yet runs nothing, objectives/stages.py) and the batch holds.
+        plan = self.passes
+        distill = self.patch_decoder is not None and "patch_logits" in plan.teacher_outputs
+        pooled_head = self.global_head is not None and "global_logits" in plan.teacher_outputs
         if images is not None:
             B = images.shape[0]
-            masked = keep_index is not None  # the student sees the visible patches only
-            whole = not masked or self.passes.full_views > 0  # else FLIP-style: no whole view
-            local = (self.global_head is not None and local_views is not None
-                     and local_views.shape[1] > 0)
+            # the student sees the visible patches only
+            masked = keep_index is not None and plan.masked_image
+            whole = not masked or plan.full_views > 0  # else FLIP-style: no whole view
+            local = pooled_head and local_views is not None and local_views.shape[1] > 0
             passes = ([(view_major(images, views), None)] if whole else []) \
                 + ([(images, keep_index)] if masked else []) \
                 + ([(view_major(None, local_views), None)] if local else [])
@@ -111,15 +116,15 @@ class TwoTower(nn.Module):
                 masked_pass = ran.pop(0)
                 if not whole:
                     image_feature = masked_pass[0]
-                if self.patch_decoder is not None:
+                if distill:
                     decoded = self.patch_decoder(masked_pass[1], keep_index, masked_index)
                     out["student_patch_logits"] = self.distill_head(decoded)
             out["image_features"] = F.normalize(image_feature, dim=-1)
-            if self.global_head is not None and (views is not None or local):
+            if pooled_head and (views is not None or local):
                 if local:
                     pooled = torch.cat([pooled, ran.pop(0)[1][:, 0]])
                 out["global_student_logits"] = self.global_head(pooled).unflatten(0, (-1, B))
-        mlm = mlm_tokens is not None and self.text_decoder is not None
+        mlm = mlm_tokens is not None and self.text_decoder is not None and plan.masked_caption
         if tokens is not None or mlm:
             # The caption and the masked caption (same length) in one text pass, caption first.
             rows = ([tokens] if tokens is not None else []) + ([mlm_tokens] if mlm else [])

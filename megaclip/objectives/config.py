@@ -37,6 +37,7 @@ class PrototypeTargetsConfig:
 class MaskDistillConfig(PrototypeTargetsConfig):
     """Masked self-distillation: student decoder predicts the EMA teacher's soft codewords."""
     weight: float = 0.0  # 0: off
+    start_at: float = 0.0  # the first step it runs: a step, or a fraction of train.steps in (0, 1)
     decoder_depth: int = 1
     decoder_heads: Optional[int] = None  # None: the vision tower's
 
@@ -50,6 +51,7 @@ class LocalGlobalConfig(PrototypeTargetsConfig):
     global view."""
     prototypes: int = 65536
     weight: float = 0.0  # 0: off (one view per sample, as in clip/maskclip)
+    start_at: float = 0.0  # the first step it runs: a step, or a fraction of train.steps in (0, 1)
     global_crops: int = 2
     global_scale: tuple = (0.4, 1.0)
     local_crops: int = 8
@@ -65,6 +67,7 @@ class LocalGlobalConfig(PrototypeTargetsConfig):
 class TextMlmConfig:
     """BERT-style masked language modelling on the caption."""
     weight: float = 0.0  # 0: off
+    start_at: float = 0.0  # the first step it runs: a step, or a fraction of train.steps in (0, 1)
     mask_ratio: float = 0.2
     mask_token_prob: float = 0.8  # of the chosen tokens: learnable [MASK] embedding ...
     random_token_prob: float = 0.1  # ... a random token; the rest stay unchanged
@@ -88,7 +91,7 @@ class ObjectiveConfig:
     """Which losses run and their weights; weighting happens in one place (objectives/loss.py).
 
     ``preset`` fills the values an experiment leaves unset (see OBJECTIVE_PRESETS)."""
-    preset: str = "clip"  # clip | maskclip | maskclip_flip | silc | maskclip+silc
+    preset: str = "clip"  # clip | maskclip | maskclip_flip | silc | maskclip+silc | siglip2
     contrastive: str = "clip"  # clip | siglip
     contrastive_weight: float = 1.0
     contrastive_view: str = "full"  # full: a separate unmasked student pass | masked: FLIP-style
@@ -154,6 +157,15 @@ OBJECTIVE_PRESETS: dict[str, dict] = {
     # Both distillation terms from one teacher pass over the global crops; the masked view is
     # the first global crop (docs/methods.md §3).
     "maskclip+silc": {**_MASKCLIP, **_SILC},
+    # SigLIP 2-style staging (docs/methods.md §3): the sigmoid loss alone for the first 80% of
+    # training, at CLIP's cost; then SILC's local-to-global term and masked distillation (half
+    # the patches hidden, as SigLIP 2's masked prediction) from one EMA teacher, initialised
+    # from the student when they start. Weights 0.25 each (chosen). SigLIP 2's captioning
+    # decoder (LocCa) is not part of megaclip.
+    "siglip2": {"contrastive": "siglip", "contrastive_view": "full",
+                "local_global": {"weight": 0.25, "start_at": 0.8},
+                "mask_distill": {"weight": 0.25, "start_at": 0.8}, "mask": {"ratio": 0.5},
+                "teacher": {"momentum": 0.996, "momentum_end": 0.996}},
 }
 
 PHOTOMETRIC = ("dino", "colour_safe", "none")

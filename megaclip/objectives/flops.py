@@ -75,3 +75,19 @@ def train_flops_per_sample(cfg: ModelConfig, obj: ObjectiveConfig | None = None)
         total += 3.0 * transformer_flops(L, t.width, obj.text_mlm.decoder_depth, t.mlp_ratio)
         total += 3.0 * 2 * max(1, round(obj.text_mlm.mask_ratio * L)) * t.width * t.vocab_size
     return float(total)
+
+
+def steps_flops_per_sample(cfg: ModelConfig, stages, first: int, last: int) -> float:
+    """The train FLOPs per sample of steps [first, last) summed, each step counted with the
+    terms that run in it (``stages``: the objective's ``Stages``; a term that starts late costs
+    nothing before its start)."""
+    return float(sum((b - a) * train_flops_per_sample(cfg, obj)
+                     for a, b, obj in stages.segments(first, last)))
+
+
+def mean_flops_per_sample(cfg: ModelConfig, stages, first: int, last: int) -> float:
+    """The mean train FLOPs per sample of the steps [first, last) (of one stage: its FLOPs)."""
+    segments = stages.segments(first, max(last, first + 1))
+    if len(segments) == 1:
+        return train_flops_per_sample(cfg, segments[0][2])
+    return steps_flops_per_sample(cfg, stages, first, last) / (last - first)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megaclip.objectives.config import ObjectiveConfig
+from megaclip.objectives.stages import Stages
 from megaclip.objectives.terms import enabled_terms
 
 
@@ -17,6 +18,9 @@ class ObjectiveLoss(nn.Module):
     distillation centres, are its state dict), and their weights.
 
     ``forward`` returns (terms, statistics): terms enter the total, statistics are only logged.
+    A term that starts late (``start_at``, ``objectives/stages.py``) is left out before its
+    first step; from then on its step counts from its start, and its schedules (the teacher
+    temperature's warm-up) span its own steps, from its start to the end of training.
     """
 
     def __init__(self, cfg: ObjectiveConfig, total_steps: int):
@@ -24,8 +28,9 @@ class ObjectiveLoss(nn.Module):
         self.terms = enabled_terms(cfg)
         self.weights = {t.term_name(cfg): t.weight(cfg) for t in self.terms}
         self.names = {t.attr: t.term_name(cfg) for t in self.terms}  # by attribute
+        self.starts = Stages(cfg, total_steps).starts  # by attribute
         for term in self.terms:
-            self.add_module(term.attr, term.build(cfg, total_steps))
+            self.add_module(term.attr, term.build(cfg, total_steps - self.starts[term.attr]))
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                 teacher_out: Optional[dict[str, torch.Tensor]] = None, step: int = 0,
@@ -38,8 +43,11 @@ class ObjectiveLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         for term in self.terms:
+            start = self.starts[term.attr]
+            if step < start:
+                continue
             out = (term_outputs or {}).get(term.attr, outputs)
-            t, s = term.compute(getattr(self, term.attr), out, batch, teacher_out, step)
+            t, s = term.compute(getattr(self, term.attr), out, batch, teacher_out, step - start)
             terms.update(t)
             stats.update(s)
         return terms, stats

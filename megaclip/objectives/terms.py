@@ -32,7 +32,9 @@ class Term:
     ``ObjectiveConfig``); ``attr``: the loss module's attribute in ``ObjectiveLoss`` (its
     buffers are saved as ``objective.<attr>.*``); ``build(objective_cfg, total_steps)``: the loss
     module; ``passes(objective_cfg)``: what it needs run; ``compute(module, outputs, batch,
-    teacher_out, step)``: (terms, statistics), terms named as in ``name``."""
+    teacher_out, step)``: (terms, statistics), terms named as in ``name``; ``owns``: name
+    prefixes of the student's parameters that only this term trains (a term that starts late
+    leaves them untouched until then, ``objectives/stages.py``)."""
     attr: str
     section: Optional[str]
     build: Callable[[ObjectiveConfig, int], nn.Module]
@@ -40,6 +42,7 @@ class Term:
     compute: Callable[[nn.Module, Outputs, dict, Optional[Outputs], int], TermValues]
     name: Optional[Callable[[ObjectiveConfig], str]] = None  # default: ``attr``
     config: Optional[type] = field(default=None, compare=False)
+    owns: tuple = ()
 
     def settings(self, cfg: ObjectiveConfig) -> Any:
         return getattr(cfg, self.section) if self.section else None
@@ -119,12 +122,13 @@ BUILTIN_TERMS: tuple[Term, ...] = (
     # MaskCLIP (docs/methods.md §1): the masked student pass and the teacher's patch logits.
     Term("distill", "mask_distill", _distill,
          lambda cfg: Passes(masked_image=True, teacher_views=1, teacher_outputs=("patch_logits",)),
-         _distill_values),
+         _distill_values, owns=("patch_decoder.", "distill_head.")),
     # SILC (docs/methods.md §2): every global view whole, the local crops, the teacher's pooled
     # logits of each global view.
     Term("local_global", "local_global", _local_global, _local_global_passes,
-         _local_global_values),
-    Term("mlm", "text_mlm", _mlm, lambda cfg: Passes(masked_caption=True), _mlm_values),
+         _local_global_values, owns=("global_head.",)),
+    Term("mlm", "text_mlm", _mlm, lambda cfg: Passes(masked_caption=True), _mlm_values,
+         owns=("text_decoder.", "text.mask_embedding")),
 )
 _REGISTERED: list[Term] = []
 

@@ -38,9 +38,10 @@ def build_teacher_modules(cfg: ModelConfig, objective: ObjectiveConfig,
 
 def build_ema_teacher(student: nn.Module, model_cfg, objective_cfg,
                       zero3_config: Optional[dict], dtype: torch.dtype,
-                      device: torch.device) -> EmaTeacher:
-    """The EMA teacher of ``student`` (the engine's module), initialised from it. Under ZeRO-3
-    its forward runs on a whole copy when that copy is at most
+                      device: torch.device, initialise: bool = True) -> EmaTeacher:
+    """The EMA teacher of ``student`` (the engine's module), initialised from it (with
+    ``initialise``; otherwise later, by ``init_from_student``, when its terms start). Under
+    ZeRO-3 its forward runs on a whole copy when that copy is at most
     ``objective.teacher.whole_copy_max_gib``, otherwise block by block."""
     trunk, heads = build_teacher_modules(model_cfg, objective_cfg, zero3_config, dtype)
     trunk, heads = trunk.to(device), {k: h.to(device) for k, h in heads.items()}
@@ -59,15 +60,17 @@ def build_ema_teacher(student: nn.Module, model_cfg, objective_cfg,
                 for (_, b), (_, c) in zip(source.named_buffers(), copy.named_buffers()):
                     c.copy_(b)
     teacher = EmaTeacher(student, trunk, heads, dtype, whole)
-    teacher.init_from_student()
+    if initialise:
+        teacher.init_from_student()
     return teacher
 
 
 def teacher_forward(teacher: EmaTeacher, batch: dict, passes) -> dict[str, torch.Tensor]:
     """The teacher's pass over the global views its outputs need (``passes``: the objective's
-    ``Passes``): every global view when it reads their pooled logits (SILC), and the patch logits
-    of the first one (MaskCLIP's masked view) from the same pass."""
+    ``Passes`` at this step): every global view when it reads their pooled logits (SILC), and
+    the patch logits of the first one (MaskCLIP's masked view) from the same pass; only the
+    outputs ``passes`` lists."""
     images, rows = batch["images"], batch["images"].shape[0]
     if "global_logits" in passes.teacher_outputs and "views" in batch and batch["views"].shape[1]:
         images = view_major(images, batch["views"])
-    return teacher(images, patch_rows=rows)
+    return teacher(images, patch_rows=rows, outputs=passes.teacher_outputs)

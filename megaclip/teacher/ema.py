@@ -70,6 +70,9 @@ class EmaTeacher:
         self.partitioned = any(hasattr(p, "ds_id") for _, p, _ in self.pairs)
         self.fp32_training = dtype == torch.float32
         self.ema: dict[str, torch.Tensor] = {}
+        # False until ``init_from_student`` (or a checkpoint's EMA) sets it: a teacher whose
+        # terms start late (start_at) is built with the student but initialised at their start.
+        self.initialised = False
         self.whole = None
         self.fragments = None
         if not (self.partitioned or self.fp32_training
@@ -136,9 +139,12 @@ class EmaTeacher:
 
     @torch.no_grad()
     def init_from_student(self) -> None:
+        """The EMA and the working copy set to the student's fp32 masters as they are now (no
+        communication; the whole copy or fragments are gathered at the next forward)."""
         device = self.pairs[0][1].device  # the teacher's (an offloaded master is on the CPU)
         self.ema = {name: self._student_fp32(s).detach().to(device).float().clone()
                     for name, _, s in self._own_pairs()}
+        self.initialised = True
         self._refresh()
 
     @torch.no_grad()
@@ -187,6 +193,8 @@ class EmaTeacher:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """This rank's tensors, as ``state_dict`` gives them; with fragments, whole tensors
         (which are cut here) are taken too."""
+        if not self.initialised:  # the EMA's tensors are made (then overwritten) first
+            self.init_from_student()
         if self.fragments is not None and all(
                 state.get(name) is not None and state[name].numel() == p.numel()
                 for name, p, _ in self.pairs):
@@ -205,8 +213,14 @@ class EmaTeacher:
         return {name: int(getattr(p, "ds_numel", p.numel())) for name, p, _ in self.pairs}
 
     def memory_bytes(self) -> tuple[int, int]:
-        """(fp32 EMA bytes held by this rank, fp32 bytes of the whole teacher)."""
-        held = sum(v.numel() * v.element_size() for v in self.ema.values())
+        """(fp32 EMA bytes held by this rank, fp32 bytes of the whole teacher); before the
+        teacher is initialised, what it will hold."""
+        if self.initialised:
+            held = sum(v.numel() * v.element_size() for v in self.ema.values())
+        elif self.fragments is not None:
+            held = 4 * sum(n for _, _, n in self.fragments.own)
+        else:
+            held = 4 * sum(self._working(p).numel() for _, p, _ in self.pairs)
         return held, 4 * sum(self.full_numels().values())
 
     def describe_forward(self) -> str:
@@ -239,18 +253,19 @@ class EmaTeacher:
             return trunk.norm(x)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, patch_rows: Optional[int] = None
-                 ) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, patch_rows: Optional[int] = None,
+                 outputs: Optional[tuple] = None) -> dict[str, torch.Tensor]:
         """The teacher's logits on full images, (B, 3, S, S): ``patch_logits`` (rows, N, K) at
         every patch of the first ``patch_rows`` images (all by default) through the MaskCLIP
         head, and ``global_logits`` (B, K) of every image's pooled token through the SILC head:
-        one pass over the trunk serves both."""
+        one pass over the trunk serves both. ``outputs``: only those (default: every one the
+        teacher has a head for)."""
         x = self.tokens(images)
         out = {}
-        if self.head is not None:
+        if self.head is not None and (outputs is None or "patch_logits" in outputs):
             with gathered(self.head.parameters()):
                 out["patch_logits"] = self.head(x[:patch_rows, 1:])
-        if self.global_head is not None:
+        if self.global_head is not None and (outputs is None or "global_logits" in outputs):
             with gathered(self.global_head.parameters()):
                 out["global_logits"] = self.global_head(x[:, 0])
         return out

@@ -164,3 +164,34 @@ def test_topology_change_restarts_the_stream_instead_of_replaying(synthetic, tok
     other = build_train_loader(cfg, 32, tokenizer, 4, 0, 1, state=loader.state.state_dict(),
                                restart_seed=7)
     assert other.state.positions == {} and not _same(_take(other, 2), first)
+
+
+def test_a_staged_plan_draws_extras_from_their_start_and_resumes_across_it(synthetic, tokenizer):
+    """Terms that start late (start_at): micro-batches of the steps before the start have one
+    crop and no masks, as a plain CLIP stream's; from the start on, the masks and multi-crop
+    views of a stream that always draws them (2 workers, 2 micro-batches per step, start at
+    step 3). A stream resumed before the start goes on with the same batches."""
+    from megaclip.data.plan import DataPlan, DataStage
+    cfg = _cfg(str(synthetic / "train" / "shard-{000000..000003}.tar"), resampled=True,
+               shuffle_buffer=30, workers=2, max_image_pixels=10 ** 8)
+    crops = MultiCrop(32, LocalGlobalConfig(local_crops=2, local_size=16))
+    stages = (DataStage(0, None, False), DataStage(3, MASKING, True))
+
+    def loader(first_step=0, state=None, **kw):
+        plan = DataPlan(stages, first_step, accum=2) if not kw else None
+        return build_train_loader(cfg, 32, tokenizer, 4, rank=0, world_size=1, state=state,
+                                  plan=plan, **({"masking": MASKING, "multicrop": crops}
+                                                if plan else kw))
+
+    staged = loader()
+    it = iter(staged)
+    batches = [next(it) for _ in range(4)]
+    saved = staged.state.state_dict()  # after step 1
+    batches += [next(it) for _ in range(6)]
+    plain = _take(loader(masking=None), 6)
+    full = _take(loader(masking=MASKING, multicrop=crops), 10)
+    assert all("image_mask" not in b and "views" not in b for b in batches[:6])
+    assert _same(batches[:6], plain)
+    assert all(b["views"].shape == (4, 1, 3, 32, 32) and "mlm_target" in b for b in batches[6:])
+    assert _same(batches[6:], full[6:])
+    assert _same(_take(loader(first_step=2, state=saved), 6), batches[4:])

@@ -195,11 +195,92 @@ def run_stage(spec: str, out_dir: str, steps: int) -> dict:
     return report
 
 
+def run_staged(spec: str, out_dir: str, steps: int) -> dict:
+    """``spec`` ``2staged``: maskclip at ZeRO-2 (fp32) whose distillation and MLM start at step
+    ``steps - 1``, through the trainer's stage switch: before it the late modules (decoders,
+    head, mask embedding) stay exactly as built though the optimiser steps over them; at it the
+    teacher is initialised from the student's fp32 masters (fragments), equal to the student."""
+    from megaclip.engine.optim import staged_param_groups
+    from megaclip.engine.staging import StageSwitch
+    from megaclip.objectives.stages import Stages
+    stage = int(spec[0])
+    rank, ws = world()
+    start = steps - 1
+    cfg = load_config("maskclip_tiny_synthetic", [
+        f"train.micro_batch_size={GLOBAL_BATCH // ws}", "optim.warmup_steps=0", "optim.lr=0.002",
+        f"train.steps={steps}", f"objective.mask_distill.start_at={start}",
+        f"objective.text_mlm.start_at={start}",
+        "model.vision.depth=2", "model.text.depth=2", "objective.mask_distill.prototypes=64",
+        "objective.mask_distill.head_hidden=64", "objective.mask_distill.head_bottleneck=32"])
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, VOCAB))
+    ds = merge_ds_config(ds_for_stage(load_ds_config("ds_configs/zero3_cpu.json"), stage),
+                         cfg.train, ws)
+    dtype = model_dtype(ds)
+    model = build_model(cfg.model, cfg.objective, seed=0, zero3_config=None, dtype=dtype)
+    stages = Stages(cfg.objective, steps)
+    groups, starts = staged_param_groups(model, cfg.optim.weight_decay, stages.later_params())
+    opt, _ = build_optimizer(cfg.optim, groups, "cpu")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    teacher = build_ema_teacher(engine.module, cfg.model, cfg.objective, None, dtype,
+                                rank_device(), initialise=False)
+    objective = Objective(cfg.objective, steps)
+    switch = StageSwitch(stages, starts, engine.module, engine.optimizer, teacher, cfg.objective)
+    late = tuple(p for ps in stages.later_params().values() for p in ps)
+    initial = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    side, ctx = cfg.model.vision.image_size, cfg.model.text.context_length
+    masking = Masking(grid=side // cfg.model.vision.patch_size, image=cfg.objective.mask,
+                      text=cfg.objective.text_mlm)
+    report = {"spec": spec, "late_groups": [g["name"] for g in groups if "@" in g["name"]]}
+    for step in range(steps):
+        switch.set_lr(0.002, step)
+        switch.enter(step)
+        if step == start:
+            report["late_unchanged_before_start"] = all(
+                torch.equal(p, initial[n]) for n, p in engine.module.named_parameters()
+                if n.startswith(late))
+            report["others_moved"] = all(
+                not torch.equal(p, initial[n]) for n, p in engine.module.named_parameters()
+                if not n.startswith(late) and p.dim() > 1)
+            whole = teacher.whole_state_dict()  # every rank's fp32 fragments, on rank 0
+            to_student = dict(PREFIXES.values())
+            diffs = [(whole[k] - student_full_fp32(engine, next(
+                to_student[p] + k[len(p):] for p in to_student if k.startswith(p)), stage)
+                .reshape(whole[k].shape)).abs().max().item() for k in whole]
+            if rank == 0:
+                report["teacher_vs_student_at_start"] = max(diffs)
+                report["teacher_tensors"] = len(whole)
+        g = torch.Generator().manual_seed(1000 + step)
+        tokens = torch.randint(4, VOCAB, (GLOBAL_BATCH, ctx), generator=g)
+        eot = torch.randint(3, ctx, (GLOBAL_BATCH,), generator=g)
+        batch = {"images": torch.randn(GLOBAL_BATCH, 3, side, side, generator=g),
+                 "tokens": tokens, "eot": eot}
+        if step >= start:
+            batch.update(batch_masks(masking, [step * 100 + i for i in range(GLOBAL_BATCH)],
+                                     tokens, eot, np.arange(4, VOCAB)))
+        n = GLOBAL_BATCH // ws
+        local = {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+        terms = train_step(engine, objective, to_device(local, rank_device(), dtype),
+                           teacher, step)
+        report.setdefault("terms", []).append(sorted(terms))
+        objective.end_step(True)
+        if switch.teacher_runs(step):
+            teacher.update(switch.momentum(step))
+    # The late groups' Adam state began afresh at the start: 1 step since, against the others'.
+    inner = engine.optimizer.optimizer
+    report["adam_steps"] = [float(inner.state[engine.optimizer.single_partition_of_fp32_groups[i]]
+                                  ["step"]) for i in range(len(groups))]
+    if rank == 0:
+        with open(os.path.join(out_dir, f"stage{spec}.json"), "w") as f:
+            json.dump(report, f)
+    dist.barrier()
+    return report
+
+
 def main(out_dir: str, steps: int, stages: list[str]) -> None:
     setup_device()  # as the trainer does: first, and with MEGACLIP_CHECK_COLLECTIVES honoured
     init_distributed()
     for stage in stages:
-        run_stage(stage, out_dir, steps)
+        (run_staged if stage.endswith("staged") else run_stage)(stage, out_dir, steps)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "tests", "engine", "teacher_steps.py")
 STAGES = (3, 0, 1, 2)
 BF16 = "2bf16"  # zero2_bf16.json: bf16 parameters, fp32 masters cut over the ranks
+STAGED = "2staged"  # ZeRO-2, distillation and MLM from the last step (start_at)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def reports(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port",
                            str(free_port()), SCRIPT, str(out), "3",
-                           ",".join(map(str, (*STAGES, BF16)))],
+                           ",".join(map(str, (*STAGES, BF16, STAGED)))],
                           capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     found = {}
@@ -35,6 +36,8 @@ def reports(tmp_path_factory):
         with open(out / f"stage{stage}.json") as f:
             found[stage] = json.load(f)
         found[stage]["tensors"] = torch.load(out / f"stage{stage}.pt", weights_only=False)
+    with open(out / f"stage{STAGED}.json") as f:
+        found[STAGED] = json.load(f)
     return found
 
 
@@ -119,6 +122,21 @@ def test_bf16_stage2_teacher_blends_this_ranks_fp32_fragments(reports):
     assert r["held_bytes"] < r["full_bytes"]
     assert r["restored_exact_all_ranks"]
     assert all(t.dtype == torch.float32 for t in r["tensors"]["teacher"].values())
+
+
+@pytest.mark.distributed
+def test_zero2_teacher_of_late_terms_equals_the_student_at_their_start(reports):
+    """ZeRO-2, world size 2: terms that start late leave their modules exactly as built though
+    the optimiser steps over them (learning rate 0, no gradient: no weight decay either), run
+    nothing before their start, and the teacher initialised at their start from this rank's
+    fp32 fragments equals the student exactly."""
+    r = reports[STAGED]
+    assert r["late_groups"] == ["decay@2", "no_decay@2"]
+    assert r["adam_steps"] == [3, 3, 1, 1]  # their Adam state began afresh at the start
+    assert r["late_unchanged_before_start"] and r["others_moved"]
+    assert r["teacher_vs_student_at_start"] == 0.0 and r["teacher_tensors"] > 20
+    assert r["terms"][0] == ["clip", "logit_scale", "loss"]  # no distill, mlm, teacher stats
+    assert {"distill", "mlm", "teacher_entropy"} <= set(r["terms"][2])
 
 
 @pytest.mark.parametrize("numel,ws", [(10, 3), (7, 2), (64, 4), (1, 8)])
