@@ -114,6 +114,23 @@ def test_before_its_start_a_term_runs_no_module_and_its_parameters_get_their_own
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in groups[5]["params"]} >= {"text.mask_embedding"}
     assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+    # with layer decay: late groups keep their scale, and no group is left empty
+    from megaclip.engine.optim import set_lr
+    from megaclip.engine.staging import StageSwitch
+    from megaclip.models.layers import depths
+    groups, starts = staged_param_groups(model, 0.1, stages.later_params(), 0.5, depths(mcfg))
+    assert all(g["params"] for g in groups) and len(starts) == len(groups)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+    late = {names[id(p)] for g, s in zip(groups, starts) if s for p in g["params"]}
+    assert "text.mask_embedding" in late and not any(n.startswith("visual.") for n in late)
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    switch = StageSwitch(stages, starts, model, opt, None, cfg.objective)
+    for step in (0, 25):
+        switch.set_lr(2.0, step)
+        assert [g["lr"] for g in opt.param_groups] == [
+            2.0 * g["lr_scale"] if step >= s else 0.0 for g, s in zip(groups, starts)]
+    assert len({g["lr_scale"] for g in groups}) > 2
+    set_lr(opt, 2.0)
 
 
 def test_restarted_groups_begin_adam_afresh():
