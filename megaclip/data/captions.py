@@ -6,7 +6,8 @@ the ``json`` member with synthetic captions. ``data.caption_keys`` gives member 
 captions it has: a missing member or field, a malformed ``json``, a caption that is empty, not
 UTF-8 or over ``data.max_caption_bytes`` makes that choice unavailable, and a sample with none
 left is skipped as a bad sample (the kind of its first key's failure). The ``json`` member is
-read under the same byte caps as any member, parsed once per sample, and never evaluated.
+read under the same byte caps as any member, refused above 4 x ``data.max_caption_bytes`` before
+it is parsed, parsed once per sample, and never evaluated.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from megaclip.data.decode import BadSample, _oversize, decode_caption
 
 JSON_PREFIX = "json:"
 JSON_MEMBER = "json"
+JSON_CAPTIONS = 4  # a json member holds up to this many captions' bytes (data.max_caption_bytes)
 
 
 def caption_members(keys: tuple) -> frozenset:
@@ -24,11 +26,16 @@ def caption_members(keys: tuple) -> frozenset:
     return frozenset(JSON_MEMBER if k.startswith(JSON_PREFIX) else k for k, _ in keys)
 
 
-def _json_object(sample: dict) -> dict:
+def _json_object(sample: dict, max_bytes: int) -> dict:
+    """The sample's ``json`` member parsed, refused unparsed above ``max_bytes`` (parsing takes
+    many times the text's size in memory)."""
     _oversize(sample, (JSON_MEMBER,))
     raw = sample.get(JSON_MEMBER)
     if raw is None:
         raise BadSample("missing_caption", f"no '.{JSON_MEMBER}' member")
+    if len(raw) > JSON_CAPTIONS * max_bytes:
+        raise BadSample("member_too_large", f"'.{JSON_MEMBER}' of {len(raw)} bytes is over "
+                                            f"{JSON_CAPTIONS} x data.max_caption_bytes")
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
@@ -47,7 +54,7 @@ def read_caption(sample: dict, key: str, max_bytes: int, parsed: Optional[dict] 
     parsed = {} if parsed is None else parsed
     if "obj" not in parsed:
         try:
-            parsed["obj"] = _json_object(sample)
+            parsed["obj"] = _json_object(sample, max_bytes)
         except BadSample as err:
             parsed["obj"] = err
     obj = parsed["obj"]

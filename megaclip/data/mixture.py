@@ -103,6 +103,11 @@ def draw_source(seed: int, rank: int, worker: int, n: int, weights: list[float])
     return live[-1]  # the product rounded up to the total
 
 
+class SourcesEnded(Exception):
+    """Every source of a worker ran out with ``data.on_source_exhausted=stop``: the stream
+    hands out its last micro-batch, filled, and the run stops at the end of that step."""
+
+
 @dataclass
 class SourceStream:
     """One source's raw samples in a worker (its ``BlockShuffle`` and bad-sample counts)."""
@@ -142,6 +147,8 @@ class Mixer:
                 chosen = self.streams[draw_source(self.seed, self.rank, self.worker, self.draws,
                                                   weights)]
             except LookupError:
+                if self.on_exhausted == "stop":  # the run stops at this step's end
+                    raise SourcesEnded(self._all_ran_out()) from None
                 raise UserError(self._all_ran_out()) from None
             if chosen.it is None:
                 chosen.it = iter(chosen.raw)
@@ -179,8 +186,7 @@ class Mixer:
     def _all_ran_out(self) -> str:
         return (f"every source ran out for rank {self.rank} worker {self.worker} "
                 f"({', '.join(self.ended)}); nothing is left to train on. With "
-                f"data.on_source_exhausted=stop the run ends with a checkpoint when the first "
-                f"one runs out")
+                f"data.on_source_exhausted=stop the run ends with a checkpoint instead")
 
     def take_note(self) -> Optional[str]:
         note, self.note = self.note, None

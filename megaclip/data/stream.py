@@ -35,7 +35,7 @@ from megaclip.config import DataConfig
 from megaclip.data.captions import caption_members, choose_caption
 from megaclip.data.decode import BAD_KINDS, BadSampleLog, load_image, open_image
 from megaclip.data.masks import Masking, batch_masks, ordinary_token_ids
-from megaclip.data.mixture import (Mixer, Source, SourceStream, expand_sources, resolve_sources,
+from megaclip.data.mixture import (Mixer, SourcesEnded, Source, SourceStream, expand_sources, resolve_sources,
                                    sources_fingerprint)
 from megaclip.data.plan import DataPlan
 from megaclip.data.shard_order import (BlockShuffle, Position, SequencePoint, SequenceReader,
@@ -179,20 +179,34 @@ class TrainStream(IterableDataset):
             return caption, seed, seeded(multicrop, load_image(image), seed)
 
         images, captions, seeds, views, local_views = [], [], [], [], []
-        produced = 0
+        produced, last, ending = 0, None, False
         masking, multicrop = self._stage(produced, nw, slot)
         while True:
-            _, (caption, seed, view) = mix.next(decode)
-            if multicrop is not None:
-                globals_, locals_ = view
-                images.append(globals_[0])
-                views.append(globals_[1:])
-                local_views.append(locals_)
+            try:
+                _, (caption, seed, view) = mix.next(decode)
+            except SourcesEnded as end:
+                # Every source ran out (data.on_source_exhausted=stop): this micro-batch is
+                # filled with its own samples (or the previous one's) and handed out for as long
+                # as the loader asks; the trainer stops at the end of its step.
+                filler = (images, captions, seeds, views, local_views) if images else last
+                if filler is None:
+                    raise UserError(str(end)) from None
+                n = len(filler[0])
+                images, captions, seeds, views, local_views = (
+                    [lst[i % n] for i in range(self.batch_size)] if lst else []
+                    for lst in filler)
+                ending = True
             else:
-                images.append(view)
-            captions.append(caption)
-            if masking is not None:
-                seeds.append(derive_seed(seed, _MASKS))
+                if multicrop is not None:
+                    globals_, locals_ = view
+                    images.append(globals_[0])
+                    views.append(globals_[1:])
+                    local_views.append(locals_)
+                else:
+                    images.append(view)
+                captions.append(caption)
+                if masking is not None:
+                    seeds.append(derive_seed(seed, _MASKS))
             if len(images) == self.batch_size:
                 tokens, eot = self.tokenizer.encode(captions)
                 batch = {"images": torch.stack(images), "tokens": tokens, "eot": eot,
@@ -209,6 +223,11 @@ class TrainStream(IterableDataset):
                 if masking is not None:
                     batch.update(batch_masks(masking, seeds, tokens, eot, self.ordinary_ids))
                 yield batch
+                if ending:
+                    repeat = {k: v for k, v in batch.items() if k != "ended"}
+                    while True:
+                        yield repeat
+                last = (images, captions, seeds, views, local_views)
                 images, captions, seeds, views, local_views = [], [], [], [], []
                 produced += 1
                 masking, multicrop = self._stage(produced, nw, slot)

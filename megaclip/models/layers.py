@@ -24,7 +24,8 @@ _EMBEDDINGS = {"image": ("visual.trunk.cls_token", "visual.trunk.pos_embed",
 _BLOCKS = {"image": re.compile(r"^visual\.trunk\.blocks\.(\d+)\."),
            "text": re.compile(r"^text\.blocks\.(\d+)\.")}
 _FINAL_NORM = {"image": "visual.trunk.norm.", "text": "text.ln_final."}
-_PROJECTION = {"image": "visual.proj.", "text": "text.proj."}
+# SigLIP's attention pooling (model.vision.pool=map) reads the final norm's tokens, as a projection
+_PROJECTION = {"image": ("visual.proj.", "visual.trunk.attn_pool."), "text": ("text.proj.",)}
 
 
 def depths(cfg: ModelConfig) -> dict[str, int]:

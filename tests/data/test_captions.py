@@ -69,6 +69,11 @@ def test_a_sample_with_no_usable_caption_is_a_bad_sample():
     assert err.value.kind == "member_too_large"
     with pytest.raises(BadSample, match="caption_too_long"):
         choose_caption(_sample(c="x" * 100), (("json:c", 1.0),), 0.5, 50)
+    # a json member over 4 captions' bytes is refused before it is parsed (memory)
+    huge = {"__key__": "k", "json": b"[" + b"{}," * 1000 + b"{}]"}
+    with pytest.raises(BadSample) as err:
+        choose_caption(huge, (("json:c", 1.0),), 0.5, 500)
+    assert err.value.kind == "member_too_large" and "over 4 x data.max_caption_bytes" in str(err.value)
 
 
 def test_config_reads_a_mapping_or_a_list_of_keys():

@@ -145,6 +145,19 @@ def test_a_source_that_runs_out_is_dropped_or_ends_the_run(tmp_path, tokenizer, 
     with pytest.raises(UserError, match=r"every source ran out for rank 0 worker 0 \(b, a\).*stop"):
         for _ in range(20):
             next(it)
+    # ... and with stop, the last micro-batch is filled with its own samples and carries the
+    # note, then repeats for as long as the loader asks (the run stops at that step's end).
+    only_b = _data(sources[1:], "data.workers=0", "data.shuffle_buffer=8",
+                   "data.on_source_exhausted=stop")
+    loader = build_train_loader(only_b, 16, tokenizer, 3, rank=0, world_size=1)
+    it = iter(loader)
+    batches = [next(it) for _ in range(10)]
+    assert all(b["images"].shape[0] == 3 for b in batches)
+    assert [i for i, b in enumerate(batches) if b.get("ended")] == [6]  # 20 samples: 6 x 3 + 2
+    assert "source 'b' ran out" in batches[6]["ended"] and loader.state.ended == [batches[6]["ended"]]
+    tokens = batches[6]["tokens"]
+    assert torch.equal(tokens[2], tokens[0])  # filled with its own first sample
+    assert all(torch.equal(b["tokens"], tokens) for b in batches[7:])
 
 
 def test_sources_config_is_checked():
