@@ -172,6 +172,9 @@ class Mixer:
                 return chosen, out
 
     def _ran_out(self, stream: SourceStream) -> None:
+        # The saved position keeps the shards it read to the end: a resumed run never reads an
+        # ended source again, so its counters come from here, equal to an uninterrupted run's.
+        stream.raw.at.start = stream.raw.shards()
         self.ended.append(stream.source.name)
         used = stream.counters()[0]
         what = (f"source '{stream.source.name}' ran out for rank {self.rank} worker "

@@ -120,15 +120,19 @@ def test_a_source_that_runs_out_is_dropped_or_ends_the_run(tmp_path, tokenizer, 
     assert loader.state.positions[0]["ended"] == ["b"]
     assert all("ended" not in b for b in batches)
     # Resumed after the end: b stays out, the stream goes on as it did.
-    saved_at = 10
+    saved_at = 12
     loader = build_train_loader(cfg, 16, tokenizer, 4, rank=0, world_size=1)
     it = iter(loader)
     for _ in range(saved_at):
         next(it)
     saved = loader.state.state_dict()
+    assert loader.state.positions[0]["ended"] == ["b"]
     again = build_train_loader(cfg, 16, tokenizer, 4, rank=0, world_size=1, state=saved)
     it = iter(again)
-    assert all(torch.equal(next(it)["tokens"], b["tokens"]) for b in batches[saved_at:])
+    for b in batches[saved_at:]:  # the same samples, and the same counters (shards included)
+        r = next(it)
+        assert torch.equal(r["tokens"], b["tokens"])
+        assert (r["shards_read"], r["sources"]) == (b["shards_read"], b["sources"])
 
     stop = _data(sources, "data.workers=0", "data.shuffle_buffer=8",
                  "data.on_source_exhausted=stop")
