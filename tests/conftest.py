@@ -73,6 +73,16 @@ def launch_prefix(ranks: int) -> list[str]:
             "--master_port", str(free_port())]
 
 
+def tiny_train_command(ranks: int, synthetic, out, *extra) -> list[str]:
+    """``megaclip/train.py`` on ``ranks`` CPU processes: the tiny experiment, ZeRO-3 fp32, on the
+    synthetic set, a global batch of 8, a log line every step; ``extra`` overrides or flags."""
+    return [*launch_prefix(ranks), "megaclip/train.py", "--deepspeed_config",
+            "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
+            f"data.train_shards={synthetic}/train/shard-{{000000..000003}}.tar",
+            f"data.tokenizer={synthetic}/spm.model", 'eval.shards=""', f"train.output_dir={out}",
+            f"train.micro_batch_size={8 // ranks}", "train.log_every=1", *extra]
+
+
 def run_tool(name, *args, check=True, **kw):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
                           capture_output=True, text=True, cwd=ROOT, **kw)

@@ -18,7 +18,7 @@ from megaclip.checkpoint.hf_tokenizer import hf_tokenizer, special_ids
 from megaclip.config import ModelConfig, ObjectiveConfig, TextConfig, VisionConfig
 from megaclip.data.tokenizer import Tokenizer, train_sentencepiece
 from megaclip.models import build_model, resolve_model_config
-from tests.conftest import ROOT, launch_prefix, run_tool
+from tests.conftest import ROOT, run_tool, tiny_train_command
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CAPTIONS = ["a small red circle and two large blue squares.", "x", "the " * 100, "",
@@ -172,13 +172,9 @@ def test_training_never_imports_transformers():
 
 
 def _train(ranks, synthetic, out, *extra):
-    cmd = [*launch_prefix(ranks), "megaclip/train.py", "--deepspeed_config",
-           "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
-           f"data.train_shards={synthetic}/train/shard-{{000000..000003}}.tar",
-           f"data.tokenizer={synthetic}/spm.model", 'eval.shards=""', f"train.output_dir={out}",
-           f"train.micro_batch_size={8 // ranks}", "train.log_every=1", "data.workers=1",
-           "data.shuffle_buffer=16", "optim.warmup_steps=1", "train.steps=2",
-           "train.ckpt_every=2", *extra]
+    cmd = tiny_train_command(ranks, synthetic, out, "data.workers=1", "data.shuffle_buffer=16",
+                             "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2",
+                             *extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "checkpoints" / "step00000002"

@@ -11,18 +11,14 @@ import torch
 
 from megaclip.checkpoint import convert_in, pretrained
 from megaclip.engine.schedules import warmup_cosine
-from tests.conftest import ROOT, launch_prefix
+from tests.conftest import ROOT, tiny_train_command
 from tests.open_clip_files import batch, experiment, open_clip_embeddings, save_open_clip
 
 
 def _train(ranks, synthetic, out, *extra):
-    cmd = [*launch_prefix(ranks), "megaclip/train.py", "--deepspeed_config",
-           "ds_configs/zero3_cpu.json", "--config", "clip_tiny_synthetic",
-           f"data.train_shards={synthetic}/train/shard-{{000000..000003}}.tar",
-           f"data.tokenizer={synthetic}/spm.model", 'eval.shards=""', f"train.output_dir={out}",
-           f"train.micro_batch_size={8 // ranks}", "train.log_every=1", "data.workers=0",
-           "data.shuffle_buffer=16", "train.ckpt_every=0", "train.steps=3",
-           "model.vision.pre_norm=true", "model.act=quick_gelu", *extra]
+    cmd = tiny_train_command(ranks, synthetic, out, "data.workers=0", "data.shuffle_buffer=16",
+                             "train.ckpt_every=0", "train.steps=3", "model.vision.pre_norm=true",
+                             "model.act=quick_gelu", *extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     return proc, proc.stdout + proc.stderr
 
