@@ -118,6 +118,13 @@ def test_mismatches_are_refused_naming_the_option(files, tmp_path):
     refused("no place for .*resblocks.0.ls_1.gamma", state=scaled)
     refused("asks for text, but the file", "model.init_from_towers=[text]", "model.init_from=x",
             state={k: v for k, v in state.items() if k.startswith("visual.")})
+    # a CLIP text tower into SigLIP's (bidirectional, read at the last position) and back
+    refused("file's text tower is CLIP's .*model's is SigLIP's", "model.text.causal=false",
+            "model.text.pool=last")
+    siglip_text = dict(state, **{"text.text_projection.weight": state["text.text_projection"].T,
+                                 "text.text_projection.bias": torch.zeros(128)})
+    del siglip_text["text.text_projection"]
+    refused("file's text tower is SigLIP's .*model's is CLIP's", state=siglip_text)
     cfg = experiment("model.act=gelu", f"model.init_from={folder}")  # the config says quick_gelu
     with pytest.raises(UserError, match="use quick_gelu .*set model.act=quick_gelu"):
         load_init_weights(built(cfg), cfg.model)

@@ -198,3 +198,21 @@ def test_a_resume_with_other_late_parameter_groups_is_refused(tmp_path):
         check_stages(str(tmp_path), staged)
     save_resolved(_cfg("objective.mask_distill.start_at=0.25"), str(tmp_path / "config.yaml"))
     check_stages(str(tmp_path), staged)
+    # ... unless the checkpoint has passed either start (10 or 20): step 15 and step 25
+    for done in (15, 25):
+        tag = tmp_path / f"step{done:08d}"
+        tag.mkdir()
+        save_resolved(_cfg("objective.mask_distill.start_at=0.25"), str(tag / "config.yaml"))
+        with pytest.raises(UserError, match=f"may move\\)|after step {done}"):
+            check_stages(str(tag), staged)
+    tag = tmp_path / "step00000005"
+    tag.mkdir()
+    save_resolved(_cfg("objective.mask_distill.start_at=0.25"), str(tag / "config.yaml"))
+    check_stages(str(tag), staged)
+    # two late terms whose starts swap: their groups would swap too
+    swapped = Stages(_cfg("objective.mask_distill.start_at=30",
+                          "objective.text_mlm.start_at=20").objective, 40)
+    save_resolved(_cfg("objective.mask_distill.start_at=20", "objective.text_mlm.start_at=30"),
+                  str(tag / "config.yaml"))
+    with pytest.raises(UserError, match="resume with the start_at values"):
+        check_stages(str(tag), swapped)

@@ -238,10 +238,25 @@ def _open_clip_text(t: _Taker, cfg: ModelConfig, shapes: dict, notes: list[str])
     for leaf in ("weight", "bias"):
         t.take(f"{p}ln_final.{leaf}", f"text.ln_final.{leaf}")
     proj = p + "text_projection"
+    # open_clip's SigLIP text towers (bidirectional, read at the last position) end in a linear
+    # layer with a bias, its CLIP ones in a bias-free one: the weights of one do not compute the
+    # other, so the file's kind must be the model's (model.text.causal, pool, proj_bias).
+    file_siglip = proj + ".bias" in t.state
+    t_cfg = cfg.text
+    model_siglip = (not t_cfg.causal) or t_cfg.pool == "last" or t_cfg.proj_bias
+    if file_siglip != model_siglip:
+        raise UserError(
+            f"the file's text tower is {'SigLIP' if file_siglip else 'CLIP'}'s (its projection "
+            f"{'has' if file_siglip else 'has no'} bias) but the model's is "
+            f"{'SigLIP' if model_siglip else 'CLIP'}'s (model.text.causal={t_cfg.causal}, "
+            f"pool={t_cfg.pool}, proj_bias={t_cfg.proj_bias}); set them as the file's tower "
+            f"was trained, or load the image tower only (model.init_from_towers=[image])")
     if proj in t.state:  # a matrix: x @ proj
         t.take(proj, "text.proj.weight", t.state[proj].T)
     elif proj + ".weight" in t.state:  # a linear layer (open_clip's proj_type linear)
         t.take(proj + ".weight", "text.proj.weight")
+        if file_siglip:
+            t.take(proj + ".bias", "text.proj.bias")
 
 
 def from_pretrained(state: dict[str, torch.Tensor], shapes: dict[str, tuple], cfg: ModelConfig,

@@ -255,6 +255,10 @@ def load(engine, tag_dir: str, scratch: str, conversion_timeout_s: Optional[floa
         # The universal checkpoint has the optimiser's parameters only: locked ones come back
         # from the model-states files.
         restore_frozen(engine.module, tag_dir, saved_ws)
+    else:  # torch's load_state_dict takes the checkpoint's group settings: the layer-decay
+        for group, kept in zip(inner.param_groups, groups):  # scales are the config's
+            if "lr_scale" in kept:
+                group["lr_scale"] = kept["lr_scale"]
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if universal is not None:

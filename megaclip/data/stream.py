@@ -188,13 +188,15 @@ class TrainStream(IterableDataset):
                 # Every source ran out (data.on_source_exhausted=stop): this micro-batch is
                 # filled with its own samples (or the previous one's) and handed out for as long
                 # as the loader asks; the trainer stops at the end of its step.
-                filler = (images, captions, seeds, views, local_views) if images else last
+                filler = ((images, captions, seeds, views, local_views) if images
+                          else last if last is not None and last[5] == (masking, multicrop)
+                          else None)  # the previous micro-batch, if it has this one's stage
                 if filler is None:
                     raise UserError(str(end)) from None
                 n = len(filler[0])
                 images, captions, seeds, views, local_views = (
                     [lst[i % n] for i in range(self.batch_size)] if lst else []
-                    for lst in filler)
+                    for lst in filler[:5])
                 ending = True
             else:
                 if multicrop is not None:
@@ -227,7 +229,7 @@ class TrainStream(IterableDataset):
                     repeat = {k: v for k, v in batch.items() if k != "ended"}
                     while True:
                         yield repeat
-                last = (images, captions, seeds, views, local_views)
+                last = (images, captions, seeds, views, local_views, (masking, multicrop))
                 images, captions, seeds, views, local_views = [], [], [], [], []
                 produced += 1
                 masking, multicrop = self._stage(produced, nw, slot)

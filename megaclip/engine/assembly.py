@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -199,20 +200,28 @@ def resume(state: TrainState, training: Training, ckpt_root: str, resume_arg: Op
 
 def check_stages(tag_dir: str, stages: Stages) -> None:
     """Refuse a checkpoint whose optimiser state has other parameter groups than this run's:
-    the modules of terms that start late have groups of their own (``staged_param_groups``), so
-    a resume may move a start, but not start together terms that started apart, or late a term
-    that started with the run (or the reverse)."""
+    the modules of terms that start late have groups of their own (``staged_param_groups``), in
+    the order of their starts, so a resume may move a start that neither run has reached, but
+    not start together terms that started apart, swap two starts, move a start the checkpoint
+    (``stepN``: N steps done) has passed or would pass, or start late a term that started with
+    the run (or the reverse)."""
     from megaclip.checkpoint.inference import checkpoint_config
     try:
         saved = checkpoint_config(tag_dir)
     except UserError:  # no config of its own: nothing to compare
         return
     before = Stages(saved.objective, saved.train.steps)
-    if sorted(before.later_params().values()) != sorted(stages.later_params().values()):
+    done = re.match(r"^step(\d+)$", os.path.basename(os.path.normpath(tag_dir)))
+    done = int(done.group(1)) if done else 0
+    passed = [attr for attr in set(before.starts) & set(stages.starts)
+              if before.starts[attr] != stages.starts[attr]
+              and min(before.starts[attr], stages.starts[attr]) < done]
+    if list(before.later_params().values()) != list(stages.later_params().values()) or passed:
         raise UserError(f"checkpoint {tag_dir} was trained with other {before.describe()}; "
                         f"this run has {stages.describe()}. Terms that start late train in "
-                        f"optimiser groups of their own: resume with the start_at values it was "
-                        f"trained with")
+                        f"optimiser groups of their own, started at their step: resume with the "
+                        f"start_at values it was trained with (a start neither has reached, "
+                        f"after step {done}, may move)")
 
 
 def build_loader(cfg: Config, tokenizer: Tokenizer, process: Process, state: TrainState,

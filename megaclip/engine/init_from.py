@@ -62,6 +62,27 @@ def convert_file(cfg: ModelConfig, shapes: dict[str, tuple]
     return loaded, report
 
 
+def _every_rank_or_none(read):
+    """``read()`` on every rank (each needs the whole weights without ZeRO-3); a rank that
+    cannot read the file (not there on its node, broken) stops every rank, not itself alone."""
+    import torch.distributed as dist
+
+    from megaclip.distributed import all_reduce_sum, rank_device, world
+    error = None
+    try:
+        plan = read()
+    except UserError as e:
+        error = e
+    if world()[1] > 1 and dist.is_initialized():
+        failed = all_reduce_sum(torch.tensor([float(error is not None)], device=rank_device()))
+        if error is None and failed.item():
+            raise UserError("model.init_from: another rank could not read the file (its error is "
+                            "in the log): every rank needs it")
+    if error is not None:
+        raise error
+    return plan
+
+
 def load_init_weights(model: nn.Module, cfg: ModelConfig) -> list[str]:
     """Write ``cfg.init_from``'s weights into ``model`` (built and initialised; before the
     optimiser and the engine, so DeepSpeed's fp32 masters start from them). Returns the report's
@@ -75,6 +96,6 @@ def load_init_weights(model: nn.Module, cfg: ModelConfig) -> list[str]:
         held.update(state)
         return Plan(sorted(state), report)
 
-    plan = on_rank0(read) if split else read()
+    plan = on_rank0(read) if split else _every_rank_or_none(read)
     write_whole(model, plan.names, held, writes=not split or rank() == 0)
     return plan.report
