@@ -83,17 +83,24 @@ def test_clip_model_and_tokenizer_match_megaclip(tmp_path, synthetic, spm_source
         assert tok.eos_id == 2 and order[2] == vocab - 1 and order[vocab - 1] == 2
         assert hf.config.text_config.eos_token_id == vocab - 1
         assert torch.equal(inputs["input_ids"], torch.tensor(order)[tokens])
+    images, ours, theirs = same_embeddings(model, hf, tokens, eot, inputs)
+    # a SigLIP loss on CLIP's towers: CLIPModel has no bias, the config records it
+    ids = {"bos": 2, "eos": 3, "pad": 0}
+    assert convert.hf_config(cfg, "siglip", ids, 2.0, -10.0)["megaclip"] == {
+        "contrastive": "siglip", "logit_bias": -10.0}
+
+
+def same_embeddings(model, hf, tokens, eot, inputs):
+    """(random images, megaclip's outputs, transformers') on those images and the captions, after checking
+    their embeddings agree; transformers' final text norm has the blocks' eps (1e-6),
+    megaclip's 1e-5."""
     images = torch.randn(len(CAPTIONS), 3, 64, 64)
     with torch.no_grad():
         ours = model(images=images, tokens=tokens, eot=eot)
         theirs = hf(pixel_values=images, **inputs)
     torch.testing.assert_close(theirs.image_embeds, ours["image_features"], rtol=0, atol=1e-5)
-    # transformers' final text norm has the blocks' eps (1e-6), megaclip's 1e-5
     torch.testing.assert_close(theirs.text_embeds, ours["text_features"], rtol=0, atol=1e-4)
-    # a SigLIP loss on CLIP's towers: CLIPModel has no bias, the config records it
-    ids = {"bos": 2, "eos": 3, "pad": 0}
-    assert convert.hf_config(cfg, "siglip", ids, 2.0, -10.0)["megaclip"] == {
-        "contrastive": "siglip", "logit_bias": -10.0}
+    return images, ours, theirs
 
 
 SIGLIP_TOWERS = dict(vision=VisionConfig(pool="map"),
@@ -115,12 +122,8 @@ def test_siglip_towers_match_a_transformers_siglip_model_and_timm(tmp_path):
     tokens, eot = tok.encode(CAPTIONS)
     inputs = hf_tok(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
     assert list(inputs) == ["input_ids"] and torch.equal(inputs["input_ids"], tokens)
-    images = torch.randn(len(CAPTIONS), 3, 64, 64)
+    images, ours, theirs = same_embeddings(model, hf, tokens, eot, inputs)
     with torch.no_grad():
-        ours = model(images=images, tokens=tokens, eot=eot)
-        theirs = hf(pixel_values=images, **inputs)
-        torch.testing.assert_close(theirs.image_embeds, ours["image_features"], rtol=0, atol=1e-5)
-        torch.testing.assert_close(theirs.text_embeds, ours["text_features"], rtol=0, atol=1e-4)
         logits = (ours["logit_scale"] * ours["text_features"] @ ours["image_features"].T
                   + ours["logit_bias"])
         torch.testing.assert_close(theirs.logits_per_text, logits, rtol=0, atol=1e-3)
